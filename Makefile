@@ -1,0 +1,39 @@
+# resdense: setup / data / demo / test / bench. Every target is idempotent and works offline
+# once the packages it needs are on disk (or reachable on the package registries).
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+FMNIST := /usr/share/datasets/fashion-mnist
+
+.PHONY: setup data demo test bench clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --disable-pip-version-check -c constraints.txt torch
+	$(BIN)/python -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[test,onnx]'
+	touch $@
+
+# Fashion-MNIST from Debian's dataset-fashion-mnist package (needs root or sudo once).
+data:
+	@if [ -f $(FMNIST)/train-images-idx3-ubyte.gz ]; then echo "Fashion-MNIST: $(FMNIST)"; \
+	else \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1 \
+	    || { $$SUDO apt-get update -q >/dev/null && $$SUDO apt-get install -y -q dataset-fashion-mnist >/dev/null; } \
+	    || { echo "could not install dataset-fashion-mnist; pass --data-dir or --download to resdense"; exit 1; }; \
+	  echo "Fashion-MNIST: $(FMNIST)"; \
+	fi
+
+demo: setup
+	$(BIN)/resdense info resnet56
+
+test: setup data
+	$(BIN)/python -m pytest -q
+
+bench: setup data
+	$(BIN)/resdense bench
+
+clean:
+	rm -rf $(VENV) build src/*.egg-info .pytest_cache

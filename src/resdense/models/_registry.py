@@ -1,0 +1,109 @@
+"""The model registry: every named model is a registered function that fills a spec.
+
+A registered function builds one variant of a family (``resnet56`` passes depth 56 to the
+CIFAR ResNet builder). Its entry also carries the metadata the tools need without building
+the model: the default input size and the figures the paper reports.
+"""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch.nn as nn
+
+from ..errors import UnknownModelError
+
+
+@dataclass(frozen=True)
+class PaperFigures:
+    """What the paper reports for a model, to print beside what we measure.
+
+    ``macs`` is the paper's "FLOPs" (which count multiply-adds). ``macs_kwargs`` names the
+    builder arguments under which our count is comparable (e.g. the paper's stride placement).
+    """
+
+    params: float | None = None
+    macs: float | None = None
+    macs_kwargs: dict[str, Any] = field(default_factory=dict)
+    error: float | None = None
+    error_label: str = ""
+    source: str = ""
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    name: str
+    fn: Callable[..., nn.Module]
+    input_size: tuple[int, int, int]
+    paper: PaperFigures | None
+    family: str
+
+
+class _Registry:
+    """Name -> entry; refuses duplicates so a typo cannot silently shadow a model."""
+
+    def __init__(self) -> None:
+        self._entries: dict[str, ModelEntry] = {}
+
+    def add(self, entry: ModelEntry) -> None:
+        if entry.name in self._entries:
+            raise ValueError(f"model {entry.name!r} is registered twice")
+        self._entries[entry.name] = entry
+
+    def get(self, name: str) -> ModelEntry:
+        try:
+            return self._entries[name]
+        except KeyError:
+            close = difflib.get_close_matches(name, self._entries, n=5, cutoff=0.5)
+            hint = f"did you mean {', '.join(close)}?" if close else "see `resdense list`."
+            raise UnknownModelError(f"unknown model {name!r}: {hint}") from None
+
+    def names(self) -> list[str]:
+        return sorted(self._entries, key=_natural_key)
+
+
+def _natural_key(name: str) -> list[Any]:
+    """Sort 'resnet20' before 'resnet110'."""
+    import re
+
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
+
+
+_REGISTRY = _Registry()
+
+
+def register_model(
+    *,
+    input_size: tuple[int, int, int] = (3, 224, 224),
+    paper: PaperFigures | None = None,
+    family: str = "",
+) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
+    """Decorator: register ``fn`` under its own name."""
+
+    def wrap(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        _REGISTRY.add(ModelEntry(fn.__name__, fn, tuple(input_size), paper, family or fn.__module__.rsplit(".", 1)[-1]))
+        return fn
+
+    return wrap
+
+
+def model_entry(name: str) -> ModelEntry:
+    """The registry entry for ``name`` (raises :class:`UnknownModelError`)."""
+    return _REGISTRY.get(name)
+
+
+def create_model(name: str, **kwargs: Any) -> nn.Module:
+    """Build a registered model. Keyword arguments set to ``None`` are dropped, so callers can
+    forward optional command-line values without knowing each builder's defaults."""
+    entry = _REGISTRY.get(name)
+    model = entry.fn(**{k: v for k, v in kwargs.items() if v is not None})
+    model.model_name = name
+    return model
+
+
+def list_models(pattern: str = "*") -> list[str]:
+    """Registered model names matching a shell-style ``pattern``, in natural order."""
+    return [n for n in _REGISTRY.names() if fnmatch.fnmatchcase(n, pattern)]

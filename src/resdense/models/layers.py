@@ -1,0 +1,167 @@
+"""Building blocks shared by every family: convolutions, shortcuts, init, and the common face.
+
+Shortcut kinds (He et al. 2015, Sec. 4.1 and Table 3):
+
+* ``"A"``: identity; where the shape changes, subsample by the stride and pad the new
+  channels with zeros. No parameters (the paper's CIFAR choice).
+* ``"B"``: identity; where the shape changes, a 1x1 projection (+ norm).
+* ``"C"``: a 1x1 projection (+ norm) in every block.
+* ``"none"``: no shortcut at all: the block's plain twin.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..errors import ConfigError, InputError
+
+NormLayer = Callable[[int], nn.Module]
+ActLayer = Callable[..., nn.Module]
+
+SHORTCUT_KINDS = ("A", "B", "C", "none")
+
+
+def conv3x3(in_chs: int, out_chs: int, stride: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(in_chs, out_chs, kernel_size=3, stride=stride, padding=1, bias=False)
+
+
+def conv1x1(in_chs: int, out_chs: int, stride: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(in_chs, out_chs, kernel_size=1, stride=stride, bias=False)
+
+
+def make_act(act_layer: ActLayer) -> nn.Module:
+    """An activation module, in-place where the layer supports it (ReLU does; GELU does not)."""
+    try:
+        return act_layer(inplace=True)
+    except TypeError:
+        return act_layer()
+
+
+class ZeroPadShortcut(nn.Module):
+    """Option A: subsample by ``stride`` and zero-pad the channels, splitting the padding evenly
+    before and after (the layout of the widely used CIFAR reimplementations, so their weights
+    load unchanged)."""
+
+    def __init__(self, stride: int, extra_chs: int) -> None:
+        super().__init__()
+        self.stride = stride
+        self.pad_front = extra_chs // 2
+        self.pad_back = extra_chs - extra_chs // 2
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x[:, :, :: self.stride, :: self.stride]
+        # F.pad's last pair pads dim 1 (channels) of an NCHW tensor.
+        return F.pad(x, (0, 0, 0, 0, self.pad_front, self.pad_back))
+
+    def extra_repr(self) -> str:
+        return f"stride={self.stride}, pad=({self.pad_front}, {self.pad_back})"
+
+
+def make_shortcut(
+    kind: str,
+    in_chs: int,
+    out_chs: int,
+    stride: int,
+    norm_layer: Optional[NormLayer],
+) -> tuple[Optional[nn.Module], bool]:
+    """The shortcut of one block as ``(downsample module or None, whether to add it)``.
+
+    ``norm_layer=None`` gives a bare 1x1 projection, as pre-activation blocks use.
+    """
+    if kind not in SHORTCUT_KINDS:
+        raise ConfigError(f"shortcut must be one of {', '.join(SHORTCUT_KINDS)}; got {kind!r}")
+    if kind == "none":
+        return None, False
+    reshapes = stride != 1 or in_chs != out_chs
+    if kind == "A" and reshapes:
+        if out_chs < in_chs:
+            raise ConfigError("shortcut 'A' can only add channels; use 'B' where a stage narrows")
+        return ZeroPadShortcut(stride, out_chs - in_chs), True
+    if kind == "C" or (kind == "B" and reshapes):
+        conv = conv1x1(in_chs, out_chs, stride)
+        return (conv if norm_layer is None else nn.Sequential(conv, norm_layer(out_chs))), True
+    return None, True
+
+
+def init_weights(model: nn.Module, zero_init_last: bool = False) -> None:
+    """Kaiming-normal convolutions (fan-out, as He et al. 2015), unit norms, zero biases.
+
+    With ``zero_init_last`` each residual branch ends in a zero (its block exposes
+    ``zero_init_last()``), so every block starts as the identity (Goyal et al. 2017).
+    """
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, (nn.BatchNorm2d, nn.GroupNorm, nn.LayerNorm)) and m.weight is not None:
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Linear) and m.bias is not None:
+            nn.init.zeros_(m.bias)
+    if zero_init_last:
+        for m in model.modules():
+            if hasattr(m, "zero_init_last") and callable(m.zero_init_last):
+                m.zero_init_last()
+
+
+def check_positive(name: str, value: int) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ConfigError(f"{name} must be a positive integer; got {value!r}")
+    return value
+
+
+class ClassifierModel(nn.Module):
+    """The face every resdense model shares, so analysis code is written once.
+
+    Subclasses set ``num_classes``, ``in_chans``, ``num_features``, ``min_input_size``,
+    ``stage_names`` (qualified names of the stage modules, in order) and ``head_name``
+    (the final classifier), and implement :meth:`forward_features`.
+    """
+
+    num_classes: int
+    in_chans: int
+    num_features: int
+    min_input_size: int
+    stage_names: tuple[str, ...]
+    head_name: str
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
+        return x if pre_logits else self.get_submodule(self.head_name)(x)
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """Replace the last linear layer with a freshly initialised one for ``num_classes``."""
+        check_positive("num_classes", num_classes)
+        parent_name, _, attr = self.head_name.rpartition(".")
+        parent = self.get_submodule(parent_name) if parent_name else self
+        old = getattr(parent, attr)
+        new = nn.Linear(old.in_features, num_classes).to(old.weight.device, old.weight.dtype)
+        nn.init.zeros_(new.bias)
+        setattr(parent, attr, new)
+        self.num_classes = num_classes
+
+    def check_input(self, x: torch.Tensor) -> None:
+        if x.dim() != 4 or x.shape[1] != self.in_chans:
+            raise InputError(
+                f"expected a batch of shape (N, {self.in_chans}, H, W); got {tuple(x.shape)}"
+                f" (build the model with in_chans={x.shape[1] if x.dim() == 4 else '?'} to match)"
+            )
+        if x.shape[-2] < self.min_input_size or x.shape[-1] < self.min_input_size:
+            raise InputError(
+                f"input {x.shape[-2]}x{x.shape[-1]} is too small: this model needs at least "
+                f"{self.min_input_size}x{self.min_input_size}"
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Shape checks are Python-only: compiled and exported graphs trust their inputs.
+        if not torch.compiler.is_compiling():
+            self.check_input(x)
+        return self.forward_head(self.forward_features(x))

@@ -1,0 +1,59 @@
+"""`resdense list` and `resdense info`, and one-line errors with exit status 2."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from resdense.cli import main
+
+
+def test_info_prints_stage_table_and_paper_figures(capsys):
+    assert main(["info", "resnet56"]) == 0
+    out = capsys.readouterr().out
+    assert "layer3" in out and "853,018" in out and "6.97" in out
+
+
+def test_info_resnet50_names_the_papers_stride_placement(capsys):
+    assert main(["info", "resnet50"]) == 0
+    out = capsys.readouterr().out
+    assert "25,557,032" in out and "4.09G" in out and "stride_in_1x1=True: 3.86 G" in out
+
+
+def test_info_with_input_and_builder_args(capsys):
+    assert main(["info", "cifar_resnet", "-a", "depth=110", "--input", "1x28x28", "--num-classes", "5"]) == 0
+    out = capsys.readouterr().out
+    assert "1x28x28" in out and "64x7x7" in out
+
+
+def test_info_json(capsys):
+    import json
+
+    assert main(["info", "densenet_bc100_k12", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["params"] == 769_162
+
+
+def test_list(capsys):
+    assert main(["list", "plain*"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("plain18") and any(line.startswith("plain1202") for line in out)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["info", "resnt56"], "did you mean resnet56"),
+    (["info", "cifar_resnet", "-a", "depth=21"], "6n+2"),
+    (["info", "densenet121", "--input", "3x16x16"], "at least 32x32"),
+    (["info", "resnet56", "--input", "3x0"], "3x32x32"),
+    (["info", "resnet56", "-a", "bogus=1"], "bogus"),
+    (["info", "resnet56", "--num-classes", "0"], "num_classes"),
+    (["list", "nothing*"], "no model matches"),
+    (["info", "resnet56", "--bogus"], "unrecognized arguments"),
+])
+def test_user_mistakes_get_one_line_and_exit_2(argv, message):
+    proc = subprocess.run([sys.executable, "-m", "resdense", *argv], capture_output=True, text=True)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], proc.stderr
+    assert "Traceback" not in proc.stderr
