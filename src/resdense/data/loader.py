@@ -1,0 +1,132 @@
+"""A tensor-resident loader: the whole split lives as uint8 on the training device, and every
+batch is gathered, augmented and normalised with a handful of batched tensor operations.
+
+Randomness (the shuffle and the augmentation) comes from a generator seeded by
+``(seed, epoch)`` alone, so an epoch is the same wherever it runs: a resumed run sees the
+batches the uninterrupted one saw, and ``world_size`` processes each take their slice of the
+very batch a single process would have drawn.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Iterator, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Augment:
+    """Batched training augmentation: zero-pad by ``pad`` and crop back at a random offset
+    (0 disables), then flip horizontally with probability ``flip``.
+
+    The papers' CIFAR augmentation is ``Augment(pad=4, flip=0.5)``."""
+
+    pad: int = 4
+    flip: float = 0.5
+
+    def apply(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        """Augment a uint8 batch ``x`` of shape (B, C, H, W); draws from ``gen`` on the CPU."""
+        b, c, h, w = x.shape
+        if self.pad > 0:
+            p = self.pad
+            offsets = torch.randint(0, 2 * p + 1, (2, b), generator=gen).to(x.device)
+            padded = F.pad(x, (p, p, p, p))  # (B, C, H + 2p, W + 2p), zeros = black pixels
+            rows = (offsets[0][:, None] + torch.arange(h, device=x.device))[:, None, :, None]  # (B, 1, H, 1)
+            cols = (offsets[1][:, None] + torch.arange(w, device=x.device))[:, None, None, :]  # (B, 1, 1, W)
+            batch = torch.arange(b, device=x.device)[:, None, None, None]
+            chans = torch.arange(c, device=x.device)[None, :, None, None]
+            x = padded[batch, chans, rows, cols]  # (B, C, H, W)
+        if self.flip > 0:
+            flips = (torch.rand(b, generator=gen) < self.flip).to(x.device)
+            x = torch.where(flips[:, None, None, None], x.flip(3), x)
+        return x
+
+
+class TensorLoader:
+    """Iterates over ``(images, labels)`` batches of a uint8 tensor split.
+
+    Args:
+        images: uint8 (N, C, H, W); moved to ``device`` once.
+        labels: int64 (N,).
+        batch_size: the *global* batch; each of ``world_size`` ranks yields ``batch_size // world_size``.
+        shuffle: a fresh seeded permutation each epoch (call :meth:`set_epoch`).
+        augment: training augmentation, or ``None``.
+        mean, std: per-channel normalisation in [0, 1] units.
+        channels_last: return batches in channels-last memory format (faster convolutions).
+        drop_last: drop the final incomplete batch (training) or keep it (evaluation).
+    """
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, *, shuffle: bool = False,
+                 augment: Optional[Augment] = None, mean: Sequence[float] = (0.0,), std: Sequence[float] = (1.0,),
+                 device: torch.device | str = "cpu", channels_last: bool = True, drop_last: bool = False,
+                 seed: int = 0, rank: int = 0, world_size: int = 1) -> None:
+        if images.dtype != torch.uint8 or images.dim() != 4:
+            raise ConfigError(f"images must be a uint8 (N, C, H, W) tensor; got {images.dtype} {tuple(images.shape)}")
+        if len(images) != len(labels):
+            raise ConfigError(f"{len(images)} images but {len(labels)} labels")
+        if batch_size < 1 or batch_size % world_size:
+            raise ConfigError(f"batch size must be a positive multiple of the {world_size} processes; got {batch_size}")
+        self.device = torch.device(device)
+        self.images = images.to(self.device)
+        self.labels = labels.to(self.device, torch.int64)
+        self.batch_size = batch_size
+        self.shuffle, self.augment, self.drop_last = shuffle, augment, drop_last
+        self.channels_last = channels_last
+        chans = images.shape[1]
+        self.mean = torch.tensor(_per_channel(mean, chans), device=self.device).view(1, -1, 1, 1)
+        self.std = torch.tensor(_per_channel(std, chans), device=self.device).view(1, -1, 1, 1)
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    @property
+    def num_samples(self) -> int:
+        return len(self.images)
+
+    def __len__(self) -> int:
+        n = self.num_samples
+        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+
+    def _generator(self) -> torch.Generator:
+        # Distinct, reproducible stream per (seed, epoch); independent of the global RNG.
+        return torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """uint8 (B, C, H, W) -> normalised float32, channels-last if configured."""
+        x = (x.float().div_(255.0) - self.mean) / self.std
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        gen = self._generator()
+        n = self.num_samples
+        order = torch.randperm(n, generator=gen).to(self.device) if self.shuffle else torch.arange(n, device=self.device)
+        for i in range(len(self)):
+            idx = order[i * self.batch_size:(i + 1) * self.batch_size]
+            x = self.images[idx]
+            if self.augment is not None:
+                # Drawn for the global batch, then sliced: every rank sees what one process would.
+                x = self.augment.apply(x, gen)
+            x, y = self._shard(x), self._shard(self.labels[idx])
+            yield self.normalize(x), y
+
+    def _shard(self, t: torch.Tensor) -> torch.Tensor:
+        if self.world_size == 1:
+            return t
+        per_rank = math.ceil(len(t) / self.world_size)
+        return t[self.rank * per_rank:(self.rank + 1) * per_rank]
+
+
+def _per_channel(values: Sequence[float], chans: int) -> list[float]:
+    values = [float(v) for v in values]
+    if len(values) == 1:
+        return values * chans
+    if len(values) != chans:
+        raise ConfigError(f"mean/std have {len(values)} values for {chans} channels")
+    return values
