@@ -14,7 +14,7 @@ from typing import Optional, Sequence
 from ..errors import UserError
 
 # Each module defines register(subparsers); a parser it adds sets `func` (args -> exit code).
-_COMMAND_MODULES = ("models",)
+_COMMAND_MODULES = ("models", "train", "study", "analyze")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -25,7 +25,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="resdense", description=__doc__.splitlines()[0] if __doc__ else None)
+    parser = _Parser(prog="resdense", description="ResNet and DenseNet exactly as the papers define them: "
+                     "models, training, and the experiments that show why shortcuts work.")
     from .. import __version__
 
     parser.add_argument("--version", action="version", version=f"resdense {__version__}")

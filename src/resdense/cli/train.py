@@ -1,0 +1,193 @@
+"""``resdense train``, ``resdense eval`` and ``resdense predict``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from ..errors import ConfigError, DataError
+from ._util import parse_overrides
+
+# Flag -> TrainConfig field, for flags whose value goes straight into the config.
+_FLAG_FIELDS = ("model", "data", "data_dir", "recipe", "epochs", "iterations", "batch_size", "lr", "seed",
+                "train_subset", "precision", "device", "threads", "out", "val_size", "weight_decay")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number; got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be positive; got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number; got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be positive; got {value}")
+    return value
+
+
+def _seed_list(text: str) -> list[int]:
+    try:
+        seeds = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a comma-separated list of integers, e.g. 0,1,2; got {text!r}") from None
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"needs distinct seeds, e.g. 0,1,2; got {text!r}")
+    return seeds
+
+
+def add_train_arguments(p: argparse.ArgumentParser) -> None:
+    """The flags shared by `train` and the studies built on it."""
+    p.add_argument("--model", help="registered model name (see `resdense list`); default resnet20")
+    p.add_argument("--data", help="fashion-mnist, mnist, cifar10, cifar100, synthetic, or a folder of images")
+    p.add_argument("--data-dir", help="where the dataset files are (else $RESDENSE_DATA, system paths, the cache)")
+    p.add_argument("--download", action="store_true", default=None, help="download the dataset if it is missing")
+    p.add_argument("--recipe", help="resnet-cifar-paper, densenet-cifar-paper or quick (default)")
+    length = p.add_mutually_exclusive_group()
+    length.add_argument("--epochs", type=_positive_int)
+    length.add_argument("--iterations", type=_positive_int)
+    p.add_argument("--batch-size", type=_positive_int)
+    p.add_argument("--lr", type=_positive_float)
+    p.add_argument("--weight-decay", type=float)
+    p.add_argument("--train-subset", type=_positive_int, metavar="N", help="train on a fixed seeded subset of N images")
+    p.add_argument("--val-size", type=int, metavar="N", help="images held out of training for validation")
+    p.add_argument("--precision", choices=("auto", "bf16", "fp32"),
+                   help="auto: bf16 where the hardware runs it natively (CUDA, AMX/AVX512-BF16 CPUs), else fp32")
+    p.add_argument("--device", help="auto (default), cpu, cuda, cuda:N")
+    p.add_argument("--threads", type=_positive_int, help="CPU threads for PyTorch")
+    p.add_argument("--compile", action="store_true", default=None, help="torch.compile the model (opt-in)")
+    p.add_argument("--deterministic", action="store_true", default=None, help="deterministic algorithms only")
+    p.add_argument("--no-augment", dest="augment", action="store_false", default=None, help="no pad-crop / flip")
+    p.add_argument("--no-progress", dest="progress", action="store_false", default=None, help="no progress bar")
+    p.add_argument("--record-gradients", action="store_true", default=None,
+                   help="store per-layer gradient norms and their figure every epoch")
+    p.add_argument("--config", help="YAML or JSON file of settings (below flags, above the recipe)")
+    p.add_argument("--arg", "-a", action="append", metavar="KEY=VALUE", help="model builder argument, e.g. -a shortcut=B")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="any config setting, e.g. --set label_smoothing=0.1")
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser("train", help="train a model (see --recipe)")
+    add_train_arguments(p)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--seeds", type=_seed_list, help="several runs, e.g. 0,1,2: OUT/seed<N> each, mean ± std")
+    p.add_argument("--out", required=True, metavar="RUN_DIR")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--resume", action="store_true", help="continue the run in RUN_DIR exactly where it stopped")
+    mode.add_argument("--overwrite", action="store_true", help="replace the run in RUN_DIR")
+    p.add_argument("--nproc", type=_positive_int, help="train with N processes (DistributedDataParallel)")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="test error and confusion matrix of a trained model")
+    p.add_argument("--checkpoint", required=True, metavar="RUN_DIR[/best|/last]")
+    p.add_argument("--data-dir")
+    p.add_argument("--split", choices=("test", "val"), default="test")
+    p.add_argument("--out", help="where to write eval.json and confusion.png (default: the run directory)")
+    p.add_argument("--tta-flip", action="store_true", help="average predictions over each image and its mirror")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("predict", help="top-k classes of image files")
+    p.add_argument("--checkpoint", required=True, metavar="RUN_DIR[/best|/last]")
+    p.add_argument("--top-k", type=_positive_int, default=3)
+    p.add_argument("--json", action="store_true")
+    p.add_argument("images", nargs="+", metavar="IMAGE")
+    p.set_defaults(func=cmd_predict)
+
+
+def config_from_args(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
+    """defaults < recipe < config file < flags; returns the config and the flag-level overrides."""
+    from ..train.config import TrainConfig, apply_overrides, load_config_file
+    from ..train.recipes import recipe
+
+    file_values = load_config_file(args.config) if getattr(args, "config", None) else {}
+    flags: dict[str, Any] = {f: getattr(args, f) for f in _FLAG_FIELDS if getattr(args, f, None) is not None}
+    for name in ("download", "compile", "deterministic", "augment", "progress", "record_gradients"):
+        if getattr(args, name, None) is not None:
+            flags[name] = getattr(args, name)
+    if getattr(args, "arg", None):
+        flags["model_kwargs"] = {**file_values.get("model_kwargs", {}), **parse_overrides(args.arg)}
+    flags.update(parse_overrides(getattr(args, "set", None)))
+    if flags.get("epochs") is not None:
+        flags.setdefault("iterations", None)  # an explicit length replaces the recipe's
+    if flags.get("iterations") is not None:
+        flags.setdefault("epochs", None)
+    recipe_name = flags.get("recipe") or file_values.get("recipe") or TrainConfig.recipe
+    cfg = apply_overrides(TrainConfig(), {**recipe(recipe_name), "recipe": recipe_name}, f"recipe {recipe_name}")
+    cfg = apply_overrides(cfg, file_values, str(getattr(args, "config", "")))
+    cfg = apply_overrides(cfg, flags, "command line")
+    return cfg, flags
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from ..train.runner import train, train_seeds
+
+    cfg, flags = config_from_args(args)
+    if args.nproc and args.nproc > 1:
+        from ..train.distributed import launch
+
+        return launch(args.nproc)
+    if args.seeds:
+        if args.seed is not None:
+            raise ConfigError("give --seed or --seeds, not both")
+        train_seeds(cfg, args.seeds, resume=args.resume, overwrite=args.overwrite, flag_overrides=flags)
+    else:
+        from ..train.distributed import maybe_init_distributed
+
+        with maybe_init_distributed(cfg) as dist:
+            train(cfg, resume=args.resume, overwrite=args.overwrite, flag_overrides=flags, **dist)
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..data import load_dataset
+    from ..data.loader import TensorLoader
+    from ..hardware import resolve_device
+    from ..plots import plot_confusion
+    from ..train.checkpoint import atomic_write_text, load_for_inference
+    from ..train.engine import evaluate
+
+    model, meta = load_for_inference(args.checkpoint)
+    device = resolve_device("auto")
+    model = model.to(device)
+    cfg = meta.get("config", {})
+    splits = load_dataset(meta["data"], args.data_dir or cfg.get("data_dir"), val_size=cfg.get("val_size"))
+    data = splits.load_test() if args.split == "test" else splits.val
+    if len(data.labels) == 0:
+        raise DataError(f"the {args.split} split of {meta['data']} is empty")
+    loader = TensorLoader(data.images, data.labels, 500, mean=meta["mean"], std=meta["std"], device=device)
+    res = evaluate(model, loader, device=device, tta_flip=args.tta_flip, num_classes=len(meta["classes"]))
+    out_dir = Path(args.out) if args.out else Path(meta["checkpoint"]).parent.parent
+    out_dir.mkdir(parents=True, exist_ok=True)
+    report = {"checkpoint": meta["checkpoint"], "split": args.split, "error": res["error"], "accuracy": 1 - res["error"],
+              "loss": res["loss"], "n": res["n"], "classes": meta["classes"], "confusion": res["confusion"]}
+    atomic_write_text(out_dir / f"eval_{args.split}.json", json.dumps(report, indent=2))
+    png = plot_confusion(torch.tensor(res["confusion"]), meta["classes"], out_dir / f"confusion_{args.split}.png",
+                         title=f"{meta['model']} on {meta['data']} ({args.split}): error {100 * res['error']:.2f}%")
+    print(f"{meta['model']} {args.split} error {100 * res['error']:.2f}% (accuracy {100 * (1 - res['error']):.2f}%) "
+          f"on {res['n']} images; confusion matrix: {png}")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from ..predict import Predictor
+
+    predictor = Predictor.from_checkpoint(args.checkpoint)
+    results = predictor.predict_files(args.images, top_k=args.top_k)
+    if args.json:
+        print(json.dumps(results, indent=2))
+        return 0
+    for item in results:
+        guesses = ", ".join(f"{p['class']} {100 * p['probability']:.1f}%" for p in item["top"])
+        print(f"{item['image']}: {guesses}")
+    return 0

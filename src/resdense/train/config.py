@@ -1,0 +1,160 @@
+"""The training configuration: one typed dataclass, resolved from
+defaults < recipe < config file (YAML or JSON) < command-line flags, and saved with every run
+and inside every checkpoint."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+from ..errors import ConfigError
+
+
+@dataclass
+class TrainConfig:
+    # what to train
+    model: str = "resnet20"
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    data: str = "fashion-mnist"
+    data_dir: Optional[str] = None
+    download: bool = False
+    val_size: Optional[int] = None          # None: the dataset's default hold-out (55k/5k, 45k/5k ...)
+    train_subset: Optional[int] = None      # train on a fixed, seeded subset of this many images
+    # how long
+    recipe: str = "quick"
+    epochs: Optional[int] = None
+    iterations: Optional[int] = None        # overrides epochs; the run stops mid-epoch at this step
+    batch_size: int = 128
+    # optimiser
+    lr: float = 0.1
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 1e-4
+    decay_norm_and_bias: bool = True        # the papers decay every parameter
+    label_smoothing: float = 0.0
+    # learning-rate schedule (a pure function of the step; see schedule.py)
+    schedule: str = "step"                  # step | cosine | onecycle
+    milestones: list[float] = field(default_factory=list)  # >= 1: iterations; < 1: fractions of the run
+    gamma: float = 0.1
+    warmup: float = 0.0                     # linear warm-up: iterations (>= 1) or fraction of the run
+    warmup_lr: Optional[float] = None       # constant lr until training error < warmup_until_error ...
+    warmup_until_error: Optional[float] = None
+    warmup_min_depth: int = 0               # ... applied only to models at least this deep (ResNet-110)
+    # data augmentation and regularisation
+    augment: bool = True
+    pad: int = 4
+    flip: float = 0.5
+    drop_rate: Optional[float] = None
+    drop_rate_without_augment: Optional[float] = None  # DenseNet: 0.2 when augmentation is off
+    tta_flip: bool = False                  # evaluate on the image and its mirror (averaged softmax)
+    # machine
+    device: str = "auto"
+    precision: str = "auto"                 # auto (bf16 where the hardware has it) | bf16 | fp32
+    channels_last: bool = True
+    compile: bool = False
+    deterministic: bool = False
+    threads: Optional[int] = None
+    # bookkeeping
+    seed: int = 0
+    out: Optional[str] = None
+    eval_batch_size: int = 1000
+    curve_every: int = 50                   # steps between points of the training curve (curve.jsonl)
+    record_gradients: bool = False
+    progress: bool = True
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+_HINTS = typing.get_type_hints(TrainConfig)
+
+
+def _check_type(name: str, value: Any) -> Any:
+    """Coerce ``value`` to the field's type where that is lossless (int -> float), else refuse."""
+    hint = _HINTS[name]
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (Union, types.UnionType) and type(None) in args:
+        if value is None:
+            return None
+        hint = next(a for a in args if a is not type(None))
+        origin, args = typing.get_origin(hint), typing.get_args(hint)
+    base = origin or hint
+    if base is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if base is list and isinstance(value, (list, tuple)):
+        inner = args[0] if args else object
+        return [_coerce_scalar(name, inner, v) for v in value]
+    if base is dict and isinstance(value, dict):
+        return dict(value)
+    if base in (int, float, str, bool) and type(value) is base:
+        return value
+    raise ConfigError(f"{name} must be {getattr(hint, '__name__', hint)}; got {value!r}")
+
+
+def _coerce_scalar(name: str, kind: Any, value: Any) -> Any:
+    if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if kind is object or isinstance(value, kind):
+        return value
+    raise ConfigError(f"{name} must be a list of {kind.__name__}; got {value!r}")
+
+
+def apply_overrides(cfg: TrainConfig, overrides: dict[str, Any], source: str) -> TrainConfig:
+    """A copy of ``cfg`` with ``overrides`` applied; unknown keys and wrong types are refused."""
+    unknown = sorted(set(overrides) - set(FIELDS))
+    if unknown:
+        raise ConfigError(f"{source}: unknown setting(s) {', '.join(unknown)}; valid ones are listed by `resdense train --help`")
+    values = {k: _check_type(k, v) for k, v in overrides.items()}
+    return dataclasses.replace(cfg, **values)
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """Settings from a YAML or JSON file (a mapping of TrainConfig fields)."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
+    try:
+        if path.suffix.lower() in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text)
+        else:
+            data = json.loads(text)
+    except Exception as e:  # yaml.YAMLError / json.JSONDecodeError: either way the file is malformed
+        raise ConfigError(f"config file {path} is not valid {path.suffix.lstrip('.').upper() or 'JSON'}: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of settings, not {type(data).__name__}")
+    return data
+
+
+def validate(cfg: TrainConfig) -> TrainConfig:
+    """Refuse values no run can use; messages name the flag."""
+    checks = [
+        (cfg.lr > 0, f"--lr must be positive; got {cfg.lr}"),
+        (cfg.batch_size > 0, f"--batch-size must be positive; got {cfg.batch_size}"),
+        (cfg.eval_batch_size > 0, f"eval_batch_size must be positive; got {cfg.eval_batch_size}"),
+        (cfg.epochs is None or cfg.epochs > 0, f"--epochs must be positive; got {cfg.epochs}"),
+        (cfg.iterations is None or cfg.iterations > 0, f"--iterations must be positive; got {cfg.iterations}"),
+        (cfg.epochs is not None or cfg.iterations is not None, "give --epochs or --iterations (or a --recipe that sets one)"),
+        (cfg.weight_decay >= 0, f"weight_decay must be >= 0; got {cfg.weight_decay}"),
+        (0 <= cfg.momentum < 1, f"momentum must be in [0, 1); got {cfg.momentum}"),
+        (0 <= cfg.label_smoothing < 1, f"label_smoothing must be in [0, 1); got {cfg.label_smoothing}"),
+        (cfg.train_subset is None or cfg.train_subset > 0, f"--train-subset must be positive; got {cfg.train_subset}"),
+        (cfg.pad >= 0 and 0 <= cfg.flip <= 1, "pad must be >= 0 and flip a probability"),
+        (cfg.warmup >= 0, f"warmup must be >= 0; got {cfg.warmup}"),
+        (cfg.threads is None or cfg.threads > 0, f"--threads must be positive; got {cfg.threads}"),
+        (cfg.curve_every > 0, f"curve_every must be positive; got {cfg.curve_every}"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+    return cfg

@@ -1,0 +1,358 @@
+"""A whole training run: data, model, optimiser, the epoch loop, metrics, checkpoints, resume.
+
+The test split is read once, after the last epoch, for the final summary; model selection
+(``best``) uses the validation split only.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import random
+import shutil
+import statistics
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from ..data import load_dataset
+from ..data.loader import Augment, TensorLoader
+from ..errors import ConfigError, UserError
+from ..hardware import resolve_device, resolve_precision
+from ..models import create_model
+from . import checkpoint as ckpt
+from .config import TrainConfig, apply_overrides, validate
+from .engine import TrainState, evaluate, train_one_epoch
+from .schedule import make_schedule
+
+METRIC_FIELDS = ["epoch", "step", "lr", "train_loss", "train_error", "val_loss", "val_error", "images_per_s",
+                 "epoch_time", "wall_time"]
+
+
+def is_main_process() -> bool:
+    return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+
+
+def log(msg: str) -> None:
+    if is_main_process():
+        print(msg, flush=True)
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+
+
+def model_depth(model: nn.Module) -> int:
+    """Weighted layers on the main path (convolutions outside shortcuts, plus linear layers):
+    the depth in a model's name."""
+    return sum(1 for name, m in model.named_modules()
+               if isinstance(m, (nn.Conv2d, nn.Linear)) and "downsample" not in name)
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "numpy": list(np.random.get_state()[1].tolist()),
+             "python": repr(random.getstate())}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if cfg.decay_norm_and_bias or p.ndim > 1 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0)
+
+
+@dataclass
+class RunContext:
+    """Everything a run builds once: data, loaders, model, optimiser, schedule."""
+
+    cfg: TrainConfig
+    device: torch.device
+    amp_dtype: Optional[torch.dtype]
+    splits: Any
+    train_loader: TensorLoader
+    val_loader: Optional[TensorLoader]
+    model: nn.Module
+    train_model: nn.Module  # the model stepped by the optimiser (compiled and/or DDP-wrapped)
+    optimizer: torch.optim.Optimizer
+    total_steps: int
+    warmup_lr: Optional[float]
+    world_size: int = 1
+    rank: int = 0
+
+
+def _model_kwargs(cfg: TrainConfig, splits: Any) -> dict[str, Any]:
+    kwargs = dict(cfg.model_kwargs)
+    kwargs.setdefault("num_classes", splits.num_classes)
+    kwargs.setdefault("in_chans", splits.in_chans)
+    drop = cfg.drop_rate if cfg.drop_rate is not None else (
+        cfg.drop_rate_without_augment if not cfg.augment else None)
+    if drop is not None:
+        kwargs.setdefault("drop_rate", drop)
+    return kwargs
+
+
+def build_context(cfg: TrainConfig, rank: int = 0, world_size: int = 1, device: Optional[torch.device] = None) -> RunContext:
+    device = device or resolve_device(cfg.device)
+    amp_dtype = resolve_precision(cfg.precision, device)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    seed_everything(cfg.seed, cfg.deterministic)
+    splits = load_dataset(cfg.data, cfg.data_dir, download=cfg.download, val_size=cfg.val_size, split_seed=0)
+    train = splits.train
+    images, labels = train.images, train.labels
+    if cfg.train_subset is not None:
+        if cfg.train_subset > len(images):
+            raise ConfigError(f"--train-subset {cfg.train_subset} is larger than the {len(images)} training images")
+        pick = torch.randperm(len(images), generator=torch.Generator().manual_seed(cfg.seed))[:cfg.train_subset]
+        images, labels = images[pick], labels[pick]
+    if cfg.batch_size > len(images):
+        raise ConfigError(f"--batch-size {cfg.batch_size} is larger than the {len(images)} training images")
+    augment = Augment(cfg.pad, cfg.flip) if cfg.augment else None
+    common = dict(mean=splits.mean, std=splits.std, device=device, channels_last=cfg.channels_last)
+    train_loader = TensorLoader(images, labels, cfg.batch_size, shuffle=True, augment=augment, drop_last=True,
+                                seed=cfg.seed, rank=rank, world_size=world_size, **common)
+    val_loader = (TensorLoader(splits.val.images, splits.val.labels, cfg.eval_batch_size, **common)
+                  if len(splits.val.images) else None)
+
+    model_kwargs = _model_kwargs(cfg, splits)
+    model = create_model(cfg.model, **model_kwargs).to(device)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    cfg.model_kwargs = {k: v for k, v in model_kwargs.items()}
+    train_model = model
+    if world_size > 1:
+        train_model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    if cfg.compile:
+        train_model = torch.compile(train_model)
+    optimizer = build_optimizer(model, cfg)
+    steps_per_epoch = len(train_loader)
+    total = cfg.iterations if cfg.iterations is not None else cfg.epochs * steps_per_epoch
+    deep = model_depth(model) >= cfg.warmup_min_depth
+    warmup_lr = cfg.warmup_lr if (cfg.warmup_lr is not None and cfg.warmup_until_error is not None and deep) else None
+    return RunContext(cfg, device, amp_dtype, splits, train_loader, val_loader, model, train_model, optimizer,
+                      total, warmup_lr, world_size, rank)
+
+
+def _write_metrics(run_dir: Path, rows: list[dict[str, Any]]) -> None:
+    ckpt.atomic_write_text(run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    import io
+
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=METRIC_FIELDS, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    ckpt.atomic_write_text(run_dir / "metrics.csv", buf.getvalue())
+
+
+def prepare_run_dir(cfg: TrainConfig, resume: bool, overwrite: bool) -> Path:
+    if cfg.out is None:
+        raise ConfigError("--out RUN_DIR is required: where the run's checkpoints and metrics go")
+    run_dir = Path(cfg.out)
+    exists = run_dir.exists() and any(run_dir.iterdir())
+    if exists and not resume and not overwrite:
+        raise UserError(f"{run_dir} already holds a run; pass --resume to continue it or --overwrite to replace it")
+    if resume and overwrite:
+        raise ConfigError("--resume and --overwrite contradict each other; pick one")
+    if exists and overwrite and is_main_process():
+        shutil.rmtree(run_dir)
+    if is_main_process():
+        run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
+def resolve_resume_config(cfg: TrainConfig, run_dir: Path, flag_overrides: dict[str, Any]) -> TrainConfig:
+    """On resume the run's saved config wins; flags may extend the run (epochs, iterations) or
+    change how it runs (progress, threads), not what is trained."""
+    saved = run_dir / "config.json"
+    if not saved.is_file():
+        return cfg
+    saved_cfg = apply_overrides(TrainConfig(), json.loads(saved.read_text()), str(saved))
+    mutable = {"epochs", "iterations", "progress", "threads", "out", "device", "eval_batch_size", "compile"}
+    changed = {k: v for k, v in flag_overrides.items() if k not in mutable and getattr(saved_cfg, k) != v}
+    for key in ("model", "data"):
+        if key in changed:
+            raise ConfigError(f"{run_dir} was trained with {key}={getattr(saved_cfg, key)!r}, not {changed[key]!r}; "
+                              "use another --out or drop --resume")
+    if changed:
+        raise ConfigError(f"--resume keeps the run's settings; these differ from {saved}: {', '.join(sorted(changed))}")
+    return apply_overrides(saved_cfg, {k: v for k, v in flag_overrides.items() if k in mutable}, "flags")
+
+
+def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False,
+          flag_overrides: Optional[dict[str, Any]] = None, rank: int = 0, world_size: int = 1,
+          device: Optional[torch.device] = None,
+          epoch_callback: Optional[Callable[[RunContext, dict[str, Any]], None]] = None) -> dict[str, Any]:
+    """Run (or resume) one training run; returns its summary row (also written to summary.json)."""
+    run_dir = prepare_run_dir(cfg, resume, overwrite)
+    if resume:
+        cfg = resolve_resume_config(cfg, run_dir, flag_overrides or {})
+    validate(cfg)
+    ctx = build_context(cfg, rank, world_size, device)
+    cfg = ctx.cfg
+    state = TrainState(warmup_done=ctx.warmup_lr is None)
+    history: list[dict[str, Any]] = []
+    curve: list[dict[str, float]] = []
+    best_val = math.inf
+    wall_start = time.perf_counter()
+    wall_offset = 0.0
+    point = ckpt.find_resume_point(run_dir) if resume else None
+    if point is not None:
+        saved = ckpt.read_state(point)
+        ckpt.load_weights(ctx.model, ckpt.read_weights(point), source=str(point))
+        ctx.optimizer.load_state_dict(saved["optimizer"])
+        state = TrainState(step=saved["step"], epoch=saved["epoch"], warmup_done=saved["warmup_done"])
+        history = list(saved["metrics"])
+        curve = list(saved["curve"])
+        best_val = saved["best_val_error"]
+        wall_offset = history[-1]["wall_time"] if history else 0.0
+        _set_rng_state(saved["rng"])
+        log(f"resuming {run_dir} at epoch {state.epoch}, step {state.step}")
+    elif resume:
+        log(f"nothing to resume in {run_dir}; starting a new run")
+    if is_main_process():
+        ckpt.atomic_write_text(run_dir / "config.json", json.dumps(cfg.to_dict(), indent=2))
+
+    schedule = make_schedule(cfg, ctx.total_steps)
+    steps_per_epoch = len(ctx.train_loader)
+    total_epochs = math.ceil(ctx.total_steps / steps_per_epoch)
+    meta = {"model": cfg.model, "model_kwargs": cfg.model_kwargs, "data": ctx.splits.name,
+            "classes": list(ctx.splits.classes), "mean": list(ctx.splits.mean), "std": list(ctx.splits.std),
+            "input_size": [ctx.splits.in_chans, *ctx.splits.image_size], "config": cfg.to_dict()}
+    log(f"training {cfg.model} on {ctx.splits.name}: {ctx.train_loader.num_samples} images, "
+        f"{total_epochs} epochs ({ctx.total_steps} steps of {cfg.batch_size}), {ctx.device}, "
+        f"{'bf16' if ctx.amp_dtype else 'fp32'}, out {run_dir}")
+    progress_ctx = _progress(cfg, steps_per_epoch)
+    while state.step < ctx.total_steps:
+        ctx.train_loader.set_epoch(state.epoch)
+        epoch_start = time.perf_counter()
+        with progress_ctx(state.epoch, total_epochs) as bar:
+            stats = train_one_epoch(
+                ctx.train_model, ctx.train_loader, ctx.optimizer, schedule, state, device=ctx.device,
+                amp_dtype=ctx.amp_dtype, label_smoothing=cfg.label_smoothing, max_steps=ctx.total_steps,
+                warmup_lr=ctx.warmup_lr, warmup_until_error=cfg.warmup_until_error, progress=bar,
+                curve=curve, curve_every=cfg.curve_every)
+        state.epoch += 1
+        val = evaluate(ctx.model, ctx.val_loader, device=ctx.device, amp_dtype=ctx.amp_dtype) if ctx.val_loader else {}
+        row = {"epoch": state.epoch, "step": state.step, "lr": ctx.optimizer.param_groups[0]["lr"],
+               "train_loss": stats["train_loss"], "train_error": stats["train_error"],
+               "val_loss": val.get("loss", math.nan), "val_error": val.get("error", math.nan),
+               "images_per_s": stats["images_per_s"], "epoch_time": time.perf_counter() - epoch_start,
+               "wall_time": wall_offset + time.perf_counter() - wall_start}
+        history.append(row)
+        val_error = row["val_error"] if not math.isnan(row["val_error"]) else row["train_error"]
+        is_best = val_error < best_val
+        best_val = min(best_val, val_error)
+        if is_main_process():
+            saved_state = {"optimizer": ctx.optimizer.state_dict(), "step": state.step, "epoch": state.epoch,
+                           "warmup_done": state.warmup_done, "best_val_error": best_val, "rng": _rng_state(),
+                           "metrics": history, "curve": curve, "config": cfg.to_dict()}
+            ckpt.save_checkpoint(run_dir, state.epoch, ctx.model, saved_state, {**meta, "epoch": state.epoch,
+                                 "step": state.step, "val_error": row["val_error"]}, is_best=is_best)
+            _write_metrics(run_dir, history)
+            ckpt.atomic_write_text(run_dir / "curve.jsonl", "".join(json.dumps(r) + "\n" for r in curve))
+        if epoch_callback is not None:  # after the checkpoint: a crash here is a crash between epochs
+            epoch_callback(ctx, row)
+        log(f"epoch {state.epoch}/{total_epochs}  train loss {row['train_loss']:.4f} err {row['train_error']:.4f}  "
+            f"val loss {row['val_loss']:.4f} err {row['val_error']:.4f}  {row['images_per_s']:.0f} img/s  "
+            f"{row['epoch_time']:.0f}s")
+    summary = final_evaluation(ctx, run_dir, history)
+    return summary
+
+
+def final_evaluation(ctx: RunContext, run_dir: Path, history: list[dict[str, Any]]) -> dict[str, Any]:
+    """Test error at the last epoch and at the best validation epoch: the only read of the test set."""
+    cfg = ctx.cfg
+    summary: dict[str, Any] = {"model": cfg.model, "data": ctx.splits.name, "seed": cfg.seed,
+                               "epochs": len(history), "steps": history[-1]["step"] if history else 0,
+                               "final_train_error": history[-1]["train_error"] if history else math.nan,
+                               "final_val_error": history[-1]["val_error"] if history else math.nan,
+                               "wall_time": history[-1]["wall_time"] if history else 0.0,
+                               "images_per_s": statistics.fmean(r["images_per_s"] for r in history) if history else 0.0,
+                               "config": cfg.to_dict()}
+    if is_main_process():
+        test = ctx.splits.load_test()
+        loader = TensorLoader(test.images, test.labels, cfg.eval_batch_size, mean=ctx.splits.mean,
+                              std=ctx.splits.std, device=ctx.device, channels_last=cfg.channels_last)
+        evals = {"last": ctx.model}
+        best_dir = run_dir / "best"
+        if best_dir.exists() and best_dir.resolve() != (run_dir / "last").resolve():
+            best_model = ckpt.build_model_from_meta(ckpt.read_meta(best_dir)).to(ctx.device)
+            if cfg.channels_last:
+                best_model = best_model.to(memory_format=torch.channels_last)
+            ckpt.load_weights(best_model, ckpt.read_weights(best_dir), source=str(best_dir))
+            evals["best"] = best_model
+        for label, model in evals.items():
+            res = evaluate(model, loader, device=ctx.device, amp_dtype=ctx.amp_dtype, tta_flip=cfg.tta_flip)
+            summary[f"test_error_{label}"] = res["error"]
+            summary[f"test_loss_{label}"] = res["loss"]
+        summary.setdefault("test_error_best", summary["test_error_last"])
+        summary["best_epoch"] = int(ckpt.read_meta((run_dir / "best").resolve())["epoch"]) if best_dir.exists() else len(history)
+        summary["test_accuracy_last"] = 1 - summary["test_error_last"]
+        ckpt.atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2, default=str))
+        log(f"test error: last epoch {summary['test_error_last']:.4f} (accuracy {summary['test_accuracy_last']:.4f}), "
+            f"best-val epoch {summary['best_epoch']} {summary['test_error_best']:.4f}; wall {summary['wall_time']:.0f}s")
+    return summary
+
+
+def _progress(cfg: TrainConfig, steps_per_epoch: int):
+    """A tqdm bar per epoch on a terminal; nothing (one log line per epoch) elsewhere."""
+    use_bar = cfg.progress and sys.stderr.isatty() and is_main_process()
+
+    def make(epoch: int, total_epochs: int):
+        if not use_bar:
+            return nullcontext(None)
+        from tqdm import tqdm
+
+        return tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{total_epochs}", leave=False, dynamic_ncols=True)
+
+    return make
+
+
+def train_seeds(cfg: TrainConfig, seeds: list[int], **kwargs: Any) -> dict[str, Any]:
+    """One run per seed in ``OUT/seed<N>``; returns mean ± std of the test errors."""
+    if cfg.out is None:
+        raise ConfigError("--out RUN_DIR is required")
+    rows = []
+    for seed in seeds:
+        run_cfg = apply_overrides(cfg, {"seed": seed, "out": str(Path(cfg.out) / f"seed{seed}")}, "--seeds")
+        rows.append(train(run_cfg, **kwargs))
+    summary = {"seeds": seeds, "runs": [str(Path(cfg.out) / f"seed{s}") for s in seeds]}
+    for key in ("test_error_last", "test_error_best", "final_train_error", "final_val_error", "wall_time"):
+        values = [r[key] for r in rows if key in r]
+        if values:
+            summary[key] = {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+                            "values": values}
+    if is_main_process():
+        ckpt.atomic_write_text(Path(cfg.out) / "summary.json", json.dumps(summary, indent=2))
+        e = summary["test_error_last"]
+        log(f"{len(seeds)} seeds: test error {100 * e['mean']:.2f} ± {100 * e['std']:.2f} % (last epoch)")
+    return summary
