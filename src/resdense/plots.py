@@ -1,0 +1,269 @@
+"""Figures of the analyses, drawn from their reports (or reports read back from JSON).
+
+Each function takes reports, writes one PNG and returns its path. Nets without shortcuts
+(plain twins, VGG) are drawn dashed, nets with shortcuts (ResNets, DenseNets) solid, as in
+the papers' figures.
+
+Figures are built on :class:`matplotlib.figure.Figure` with the Agg canvas directly, not
+through pyplot: no display is needed, and importing this module does not switch the
+backend of a caller's session (a notebook keeps its own).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING, Mapping, Union
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.ticker import MaxNLocator
+
+if TYPE_CHECKING:
+    from .analysis.gradients import GradientReport
+    from .analysis.lesion import LesionReport
+    from .analysis.responses import ResponseReport
+    from .analysis.reuse import ReuseReport
+
+PathLike = Union[str, Path]
+_STYLE_NOTE = "solid: with shortcuts, dashed: without"
+
+
+def _figure(ncols: int = 1, width: float = 6.4, height: float = 4.4) -> tuple[Figure, list]:
+    fig = Figure(figsize=(width * ncols, height), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, ncols, squeeze=False)[0]
+    return fig, list(axes)
+
+
+def _save(fig: Figure, path: PathLike) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    return path
+
+
+def _style(index: int, shortcuts: bool) -> dict:
+    return dict(color=f"C{index % 10}", linestyle="-" if shortcuts else "--")
+
+
+def plot_gradient_norms(reports: Mapping[str, "GradientReport"], path: PathLike,
+                        title: str = "Gradient norm per layer") -> Path:
+    """Gradient L2 norm against layer index (log scale), one line per model.
+
+    The line runs over the main path (convolutions, then the classifier, drawn as a square);
+    projection shortcuts are crosses at the position of the block they bypass.
+    """
+    fig, (ax,) = _figure(width=7.5)
+    for i, (label, r) in enumerate(reports.items()):
+        style = _style(i, r.has_shortcuts)
+        xs, ys, sx, sy = [], [], [], []
+        for norm, kind in zip(r.norms, r.kinds):
+            if kind == "shortcut":
+                sx.append(max(len(xs), 1))
+                sy.append(norm)
+            else:
+                xs.append(len(xs) + 1)
+                ys.append(norm)
+        ax.plot(xs, ys, marker=".", label=f"{label} (first/last conv = {r.ratio_first_last:.3g})", **style)
+        ax.plot(xs[-1:], ys[-1:], marker="s", color=style["color"], linestyle="none")
+        if sx:
+            ax.plot(sx, sy, marker="x", color=style["color"], linestyle="none")
+    ax.set_yscale("log")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("layer index (weight layers in depth order, input → output)")
+    ax.set_ylabel("‖∂loss/∂W‖₂  (loss units per weight unit, log scale)")
+    ax.set_title(title)
+    handles, _ = ax.get_legend_handles_labels()
+    extra = [Line2D([], [], color="grey", marker="s", linestyle="none", label="classifier (last point)"),
+             Line2D([], [], color="grey", marker="x", linestyle="none", label="shortcut projection")]
+    ax.legend(handles=handles + extra, title=_STYLE_NOTE, fontsize="small")
+    ax.grid(True, which="both", alpha=0.3)
+    return _save(fig, path)
+
+
+def plot_layer_responses(reports: Mapping[str, "ResponseReport"], path: PathLike,
+                         title: str = "Std of 3x3 layer responses (He et al. 2015, Fig. 7)") -> Path:
+    """Two panels: response std by layer index, and the same sorted in descending order."""
+    fig, (by_layer, by_size) = _figure(ncols=2)
+    for i, (label, r) in enumerate(reports.items()):
+        style = _style(i, r.has_shortcuts)
+        xs = np.arange(1, len(r.stds) + 1)
+        by_layer.plot(xs, r.stds, marker=".", label=label, **style)
+        by_size.plot(xs, r.sorted_stds, marker=".", label=label, **style)
+    by_layer.set_xlabel("layer index (3x3 conv layers in depth order)")
+    by_layer.set_title("by depth")
+    by_size.set_xlabel("rank (layers sorted by std, largest first)")
+    by_size.set_title("sorted by magnitude")
+    for ax in (by_layer, by_size):
+        ax.set_ylabel("std of response (activation units)")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(True, alpha=0.3)
+    by_layer.legend(title=_STYLE_NOTE, fontsize="small")
+    fig.suptitle(f"{title}\nresponse: output of the BN after each 3x3 conv (pre-activation units: the conv output)")
+    return _save(fig, path)
+
+
+def plot_lesion(reports: Mapping[str, "LesionReport"], path: PathLike,
+                title: str = "Deleting blocks at test time (Veit et al. 2016)") -> Path:
+    """Left: test error with each block deleted alone (downsampling blocks marked, blocks that
+    cannot be deleted crossed at the top). Right: error against the number of blocks deleted
+    at random (mean ± std over trials; 0 is the intact model)."""
+    fig, (single, rand) = _figure(ncols=2)
+    any_random = False
+    for i, (label, r) in enumerate(reports.items()):
+        style = _style(i, r.has_shortcuts)
+        xs = [b.index for b in r.blocks]
+        errs = [b.error_pct if b.error_pct is not None else math.nan for b in r.blocks]
+        single.plot(xs, errs, marker=".", label=f"{label} ({r.removable_count}/{len(r.blocks)} deletable)", **style)
+        single.axhline(r.baseline_error_pct, color=style["color"], linestyle=":", linewidth=1)
+        down = [(b.index, e) for b, e in zip(r.blocks, errs) if b.downsampling and not math.isnan(e)]
+        if down:
+            single.plot(*zip(*down), marker="o", markersize=9, markerfacecolor="none",
+                        color=style["color"], linestyle="none")
+        fixed = [b.index for b in r.blocks if not b.removable]
+        if fixed:
+            # Axis-fraction y: the crosses sit at the top whatever the error range.
+            single.plot(fixed, [0.97] * len(fixed), marker="x", color=style["color"], linestyle="none",
+                        transform=single.get_xaxis_transform())
+        if r.random is not None:
+            any_random = True
+            ks = [0, *r.random.k_values]
+            mean = [r.baseline_error_pct, *r.random.mean_error_pct]
+            std = [0.0, *r.random.std_error_pct]
+            rand.errorbar(ks, mean, yerr=std, marker=".", capsize=3, label=label, **style)
+    single.set_xlabel("index of the deleted block (depth order)")
+    single.set_ylabel("test error (%)")
+    single.set_title("one block deleted")
+    handles, _ = single.get_legend_handles_labels()
+    extra = [Line2D([], [], color="grey", linestyle=":", label="intact model"),
+             Line2D([], [], color="grey", marker="o", markerfacecolor="none", linestyle="none",
+                    label="downsampling block"),
+             Line2D([], [], color="grey", marker="x", linestyle="none",
+                    label="not deletable (shape changes, no shortcut)")]
+    single.legend(handles=handles + extra, title=_STYLE_NOTE, fontsize="small")
+    rand.set_xlabel("number of blocks deleted at random")
+    rand.set_ylabel("test error (%), mean ± std over trials")
+    rand.set_title("k random blocks deleted")
+    if any_random:
+        rand.legend(title=_STYLE_NOTE, fontsize="small")
+    else:
+        rand.text(0.5, 0.5, "not measured", transform=rand.transAxes, ha="center", va="center")
+    for ax in (single, rand):
+        ax.grid(True, alpha=0.3)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    fig.suptitle(title)
+    return _save(fig, path)
+
+
+def plot_reuse(report: "ReuseReport", path: PathLike, title: str = "") -> Path:
+    """One heatmap per dense block as in Huang et al. 2017, Fig. 5: x the target layer (the
+    last column is the transition or the classifier), y the source layer (0 the block input),
+    colour the mean |weight| from source to target divided by the target's largest one."""
+    from matplotlib import colormaps
+
+    cmap = colormaps["viridis"].with_extremes(bad="white")
+    n = len(report.blocks)
+    fig, axes = _figure(ncols=n, width=4.6, height=4.4)
+    image = None
+    for ax, block in zip(axes, report.blocks):
+        # (target, source) -> (source, target): sources down the y axis, targets along x.
+        grid = np.ma.masked_invalid(np.array(block.normalised(), dtype=float).T)
+        image = ax.imshow(grid, cmap=cmap, vmin=0.0, vmax=1.0, origin="upper", aspect="auto")
+        last = "T" if block.last_target == "transition" else "C"
+        n_layers = block.num_layers
+        step = max(1, math.ceil((n_layers + 1) / 12))  # at most ~12 labels per axis
+        ticks = sorted(set(range(0, n_layers + 1, step)) | {n_layers})
+        # Column t is target layer t + 1; the last column is the transition or classifier.
+        ax.set_xticks(ticks, [str(t + 1) if t < n_layers else last for t in ticks])
+        ax.set_yticks(ticks, [str(s) for s in ticks])
+        ax.set_xlabel(f"target layer ℓ ({last} = {block.last_target})")
+        ax.set_ylabel("source layer s (0 = block input)")
+        ax.set_title(block.name.rsplit(".", 1)[-1])
+    if image is not None:
+        fig.colorbar(image, ax=axes, label="mean |w| from s to ℓ  ÷  largest into ℓ")
+    fig.suptitle((title or f"Feature reuse in {report.model_name or 'a DenseNet'} (Huang et al. 2017, Fig. 5)")
+                 + "\nwhite: no connection (a layer cannot read later layers)")
+    return _save(fig, path)
+
+
+__all__ = ["plot_gradient_norms", "plot_layer_responses", "plot_lesion", "plot_reuse"]
+
+
+# --- training and studies ---------------------------------------------------------------------
+
+def plot_degradation_curves(rows: list[dict], path: PathLike,
+                            title: str = "Plain vs residual networks: training and validation error") -> Path:
+    """He et al. 2015, Fig. 6: error vs iterations, plain nets left and residual nets right, one
+    colour per depth; training error thin and dashed, validation error bold. Rows are the study's
+    results (``curve`` points of running training error, ``epochs`` with validation error)."""
+    depths = sorted({r["depth"] for r in rows})
+    fig, axes = _figure(ncols=2, width=6.0, height=4.4)
+    top = 0.0
+    for ax, kind, name in zip(axes, ("plain", "resnet"), ("plain", "ResNet")):
+        for i, depth in enumerate(depths):
+            for r in (r for r in rows if r["kind"] == kind and r["depth"] == depth):
+                colour = f"C{i % 10}"
+                if r["curve"]:
+                    steps = [p["step"] for p in r["curve"]]
+                    errs = [100 * p["train_error"] for p in r["curve"]]
+                    ax.plot(steps, errs, color=colour, linestyle="--", linewidth=0.8, alpha=0.8)
+                    top = max(top, max(errs))
+                val = [(e["step"], 100 * e["val_error"]) for e in r["epochs"] if e.get("val_error") == e.get("val_error")]
+                if val:
+                    ax.plot(*zip(*val), color=colour, linewidth=2.5, marker="o", markersize=4)
+        ax.set_title(f"{name} nets")
+        ax.set_xlabel("iterations (optimiser steps)")
+        ax.set_ylabel("error (%)")
+        ax.grid(True, alpha=0.3)
+    for ax in axes:
+        ax.set_ylim(0, min(100.0, top * 1.05) if top else 100.0)
+    handles = [Line2D([], [], color=f"C{i % 10}", linewidth=2.5, label=f"{d} layers") for i, d in enumerate(depths)]
+    handles += [Line2D([], [], color="grey", linestyle="--", linewidth=0.8, label="training error"),
+                Line2D([], [], color="grey", linewidth=2.5, label="validation error")]
+    axes[1].legend(handles=handles, loc="upper right", fontsize=8)
+    fig.suptitle(title)
+    return _save(fig, path)
+
+
+def plot_error_vs_depth(table: list[dict], path: PathLike, title: str = "Final error vs depth") -> Path:
+    """Final training and test error against depth, plain (dashed) vs residual (solid), with
+    error bars of one standard deviation over seeds."""
+    fig, axes = _figure(ncols=2, width=5.5, height=4.2)
+    for ax, (key, label) in zip(axes, (("final_train_error", "training error"), ("test_error", "test error"))):
+        for i, (kind, name) in enumerate((("plain", "plain"), ("resnet", "ResNet"))):
+            pts = sorted((t["depth"], 100 * t[key], 100 * t[key + "_std"]) for t in table if t["kind"] == kind)
+            if pts:
+                d, m, s = zip(*pts)
+                ax.errorbar(d, m, yerr=s, label=name, capsize=3, marker="o", **_style(i, kind == "resnet"))
+        ax.set_xlabel("depth (weighted layers)")
+        ax.set_ylabel(f"{label} (%)")
+        ax.set_title(label.capitalize())
+        ax.grid(True, alpha=0.3)
+        ax.legend()
+    fig.suptitle(title)
+    return _save(fig, path)
+
+
+def plot_confusion(confusion, classes: list[str], path: PathLike, title: str = "Confusion matrix") -> Path:
+    """Row-normalised confusion matrix (rows: true class, columns: predicted), with counts."""
+    counts = np.asarray(confusion, dtype=np.int64)
+    rates = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
+    size = max(5.0, 0.55 * len(classes) + 2.5)
+    fig, (ax,) = _figure(width=size, height=size)
+    im = ax.imshow(rates, cmap="Blues", vmin=0, vmax=1)
+    ticks = range(len(classes))
+    ax.set_xticks(list(ticks), classes, rotation=45, ha="right", fontsize=8)
+    ax.set_yticks(list(ticks), classes, fontsize=8)
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class")
+    if len(classes) <= 20:
+        for r in ticks:
+            for c in ticks:
+                ax.text(c, r, str(counts[r, c]), ha="center", va="center", fontsize=7,
+                        color="white" if rates[r, c] > 0.5 else "black")
+    fig.colorbar(im, ax=ax, label="fraction of the true class")
+    ax.set_title(title, fontsize=10)
+    return _save(fig, path)
