@@ -202,7 +202,7 @@ def plot_degradation_curves(rows: list[dict], path: PathLike,
     depths = sorted({r["depth"] for r in rows})
     fig, axes = _figure(ncols=2, width=6.0, height=4.4)
     top = 0.0
-    for ax, kind, name in zip(axes, ("plain", "resnet"), ("plain", "ResNet")):
+    for ax, kind, name in zip(axes, ("plain", "resnet"), ("plain nets", "residual nets (ResNet)")):
         for i, depth in enumerate(depths):
             for r in (r for r in rows if r["kind"] == kind and r["depth"] == depth):
                 colour = f"C{i % 10}"
@@ -214,8 +214,10 @@ def plot_degradation_curves(rows: list[dict], path: PathLike,
                 val = [(e["step"], 100 * e["val_error"]) for e in r["epochs"] if e.get("val_error") == e.get("val_error")]
                 if val:
                     ax.plot(*zip(*val), color=colour, linewidth=2.5, marker="o", markersize=4)
-        ax.set_title(f"{name} nets")
+                    top = max(top, max(v for _, v in val))  # the y range must not clip validation points
+        ax.set_title(name)
         ax.set_xlabel("iterations (optimiser steps)")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel("error (%)")
         ax.grid(True, alpha=0.3)
     for ax in axes:
@@ -223,7 +225,8 @@ def plot_degradation_curves(rows: list[dict], path: PathLike,
     handles = [Line2D([], [], color=f"C{i % 10}", linewidth=2.5, label=f"{d} layers") for i, d in enumerate(depths)]
     handles += [Line2D([], [], color="grey", linestyle="--", linewidth=0.8, label="training error"),
                 Line2D([], [], color="grey", linewidth=2.5, label="validation error")]
-    axes[1].legend(handles=handles, loc="upper right", fontsize=8)
+    # Below the panels: inside, it would cover the curves' ends, where the comparison is read.
+    fig.legend(handles=handles, loc="outside lower center", ncol=len(handles), fontsize=9, frameon=False)
     fig.suptitle(title)
     return _save(fig, path)
 
@@ -232,12 +235,14 @@ def plot_error_vs_depth(table: list[dict], path: PathLike, title: str = "Final e
     """Final training and test error against depth, plain (dashed) vs residual (solid), with
     error bars of one standard deviation over seeds."""
     fig, axes = _figure(ncols=2, width=5.5, height=4.2)
+    depths = sorted({t["depth"] for t in table})
     for ax, (key, label) in zip(axes, (("final_train_error", "training error"), ("test_error", "test error"))):
         for i, (kind, name) in enumerate((("plain", "plain"), ("resnet", "ResNet"))):
             pts = sorted((t["depth"], 100 * t[key], 100 * t[key + "_std"]) for t in table if t["kind"] == kind)
             if pts:
                 d, m, s = zip(*pts)
                 ax.errorbar(d, m, yerr=s, label=name, capsize=3, marker="o", **_style(i, kind == "resnet"))
+        ax.set_xticks(depths)  # ticks at the depths trained, not at depths that do not exist
         ax.set_xlabel("depth (weighted layers)")
         ax.set_ylabel(f"{label} (%)")
         ax.set_title(label.capitalize())

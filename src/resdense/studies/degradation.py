@@ -91,7 +91,9 @@ def collect_rows(out: Path) -> list[dict[str, Any]]:
         run_dir = summary_path.parent
         summary = json.loads(summary_path.read_text())
         cfg = summary["config"]
-        kind = next(k for k, model in KINDS.items() if model == cfg["model"])
+        kind = next((k for k, model in KINDS.items() if model == cfg["model"]), None)
+        if kind is None:  # another run kept in the study folder (e.g. a DenseNet for `analyze reuse`)
+            continue
         curve = [json.loads(line) for line in (run_dir / "curve.jsonl").read_text().splitlines()] \
             if (run_dir / "curve.jsonl").is_file() else []
         metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

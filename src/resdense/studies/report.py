@@ -39,7 +39,8 @@ def build_report(study_dir: str | Path) -> dict[str, Any]:
         lines.append(f"| {t['kind']} | {t['depth']} | {t['seeds']} | {_pct(t['final_train_error'], t['final_train_error_std'], t['seeds'])} "
                      f"| {_pct(t['final_val_error'], t['final_val_error_std'], t['seeds'])} "
                      f"| {_pct(t['test_error'], t['test_error_std'], t['seeds'])} |")
-    cfg = rows[0]["config"] if rows else {}
+    # A residual run's config: only those carry the shortcut option (the plain twins have none).
+    cfg = next((r["config"] for r in rows if r["kind"] == "resnet"), rows[0]["config"] if rows else {})
     setup = (f"{cfg.get('data')} ({cfg.get('train_subset') or 'all'} training images), recipe {cfg.get('recipe')}, "
              f"{cfg.get('epochs') or cfg.get('iterations')} {'epochs' if cfg.get('epochs') else 'iterations'}, "
              f"batch {cfg.get('batch_size')}, lr {cfg.get('lr')} ({cfg.get('schedule')}), shortcut "
