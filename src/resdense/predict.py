@@ -51,7 +51,7 @@ class Predictor:
         if arr.ndim == 2:
             arr = arr[:, :, None]
         chans = np.broadcast_to(arr, (*arr.shape[:2], self.in_chans)) if arr.shape[2] != self.in_chans else arr
-        return torch.from_numpy(np.ascontiguousarray(chans)).permute(2, 0, 1)  # (H, W, C) -> (C, H, W)
+        return torch.from_numpy(np.array(chans)).permute(2, 0, 1)  # (H, W, C) -> (C, H, W); a writable copy
 
     @torch.no_grad()
     def predict(self, images: torch.Tensor, top_k: int = 3) -> list[list[tuple[str, float]]]:

@@ -162,6 +162,22 @@ def build_context(cfg: TrainConfig, rank: int = 0, world_size: int = 1, device: 
                       total, warmup_lr, world_size, rank)
 
 
+def record_gradients(ctx: RunContext, run_dir: Path, epoch: int, batches: int = 2) -> None:
+    """Per-layer gradient norms on a few validation batches: RUN/gradients/epoch-NNNN.{json,png}
+    (epoch 0 is the initialisation)."""
+    from .. import plots
+    from ..analysis.gradients import gradient_norms
+
+    if ctx.val_loader is None:
+        raise ConfigError("--record-gradients needs a validation split (--val-size > 0)")
+    report = gradient_norms(ctx.model, ctx.val_loader, max_batches=batches, autocast_dtype=ctx.amp_dtype)
+    out = run_dir / "gradients"
+    out.mkdir(exist_ok=True)
+    ckpt.atomic_write_text(out / f"epoch-{epoch:04d}.json", json.dumps(report.to_dict(), indent=2))
+    plots.plot_gradient_norms({f"{ctx.cfg.model} epoch {epoch}": report}, out / f"epoch-{epoch:04d}.png",
+                              title=f"Gradient norm per layer, {ctx.cfg.model}, epoch {epoch}")
+
+
 def _write_metrics(run_dir: Path, rows: list[dict[str, Any]]) -> None:
     ckpt.atomic_write_text(run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
     import io
@@ -251,6 +267,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False,
         f"{total_epochs} epochs ({ctx.total_steps} steps of {cfg.batch_size}), {ctx.device}, "
         f"{'bf16' if ctx.amp_dtype else 'fp32'}, out {run_dir}")
     progress_ctx = _progress(cfg, steps_per_epoch)
+    if cfg.record_gradients and state.epoch == 0 and is_main_process():
+        record_gradients(ctx, run_dir, 0)
     while state.step < ctx.total_steps:
         ctx.train_loader.set_epoch(state.epoch)
         epoch_start = time.perf_counter()
@@ -279,6 +297,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False,
                                  "step": state.step, "val_error": row["val_error"]}, is_best=is_best)
             _write_metrics(run_dir, history)
             ckpt.atomic_write_text(run_dir / "curve.jsonl", "".join(json.dumps(r) + "\n" for r in curve))
+            if cfg.record_gradients:
+                record_gradients(ctx, run_dir, state.epoch)
         if epoch_callback is not None:  # after the checkpoint: a crash here is a crash between epochs
             epoch_callback(ctx, row)
         log(f"epoch {state.epoch}/{total_epochs}  train loss {row['train_loss']:.4f} err {row['train_error']:.4f}  "
