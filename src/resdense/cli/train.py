@@ -85,6 +85,8 @@ def register(sub: Any) -> None:
     mode.add_argument("--resume", action="store_true", help="continue the run in RUN_DIR exactly where it stopped")
     mode.add_argument("--overwrite", action="store_true", help="replace the run in RUN_DIR")
     p.add_argument("--nproc", type=_positive_int, help="train with N processes (DistributedDataParallel)")
+    p.add_argument("--sync-bn", action="store_true", default=None,
+                   help="with several CUDA processes: batch norm over the global batch (default: per process)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="test error and confusion matrix of a trained model")
@@ -110,7 +112,7 @@ def config_from_args(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
 
     file_values = load_config_file(args.config) if getattr(args, "config", None) else {}
     flags: dict[str, Any] = {f: getattr(args, f) for f in _FLAG_FIELDS if getattr(args, f, None) is not None}
-    for name in ("download", "compile", "deterministic", "augment", "progress", "record_gradients"):
+    for name in ("download", "compile", "deterministic", "augment", "progress", "record_gradients", "sync_bn"):
         if getattr(args, name, None) is not None:
             flags[name] = getattr(args, name)
     if getattr(args, "arg", None):
@@ -134,7 +136,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.nproc and args.nproc > 1:
         from ..train.distributed import launch
 
-        return launch(args.nproc)
+        return launch(args.nproc, args.argv)
     if args.seeds:
         if args.seed is not None:
             raise ConfigError("give --seed or --seeds, not both")

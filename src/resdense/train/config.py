@@ -59,6 +59,7 @@ class TrainConfig:
     compile: bool = False
     deterministic: bool = False
     threads: Optional[int] = None
+    sync_bn: bool = False                   # several processes: one BN over the global batch (CUDA)
     # bookkeeping
     seed: int = 0
     out: Optional[str] = None

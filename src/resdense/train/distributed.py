@@ -40,23 +40,17 @@ def maybe_init_distributed(cfg: Any) -> Iterator[dict[str, Any]]:
         dist.destroy_process_group()
 
 
-def launch(nproc: int) -> int:
-    """Re-run this command under ``torch.distributed.run`` with ``nproc`` processes."""
+def launch(nproc: int, argv: list[str]) -> int:
+    """Re-run the command ``argv`` (without ``--nproc``) under ``torch.distributed.run``."""
     if "WORLD_SIZE" in os.environ:
         raise ConfigError("--nproc cannot be used inside torchrun; drop it (torchrun already set the processes)")
-    argv = sys.argv[1:]
     cleaned: list[str] = []
-    skip = False
-    for i, a in enumerate(argv):
-        if skip:
-            skip = False
-            continue
-        if a == "--nproc":
-            skip = True
-            continue
-        if a.startswith("--nproc="):
-            continue
-        cleaned.append(a)
+    words = iter(argv)
+    for word in words:
+        if word == "--nproc":
+            next(words, None)  # and its value
+        elif not word.startswith("--nproc="):
+            cleaned.append(word)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
            "-m", "resdense", *cleaned]
     return subprocess.call(cmd)

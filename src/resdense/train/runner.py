@@ -148,6 +148,12 @@ def build_context(cfg: TrainConfig, rank: int = 0, world_size: int = 1, device: 
         model = model.to(memory_format=torch.channels_last)
     cfg.model_kwargs = {k: v for k, v in model_kwargs.items()}
     train_model = model
+    if cfg.sync_bn:
+        if world_size == 1:
+            raise ConfigError("--sync-bn only matters with several processes (--nproc N or torchrun)")
+        if device.type != "cuda":
+            raise ConfigError("--sync-bn needs CUDA GPUs (PyTorch's SyncBatchNorm does not run on CPU); drop it")
+        model = train_model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     if world_size > 1:
         train_model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -228,7 +234,14 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False,
           device: Optional[torch.device] = None,
           epoch_callback: Optional[Callable[[RunContext, dict[str, Any]], None]] = None) -> dict[str, Any]:
     """Run (or resume) one training run; returns its summary row (also written to summary.json)."""
-    run_dir = prepare_run_dir(cfg, resume, overwrite)
+    # Rank 0 alone checks and prepares the run directory; the others wait for it (a rank that
+    # looked after rank 0 created it would take it for an existing run).
+    if is_main_process():
+        run_dir = prepare_run_dir(cfg, resume, overwrite)
+    else:
+        run_dir = Path(cfg.out)
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
     if resume:
         cfg = resolve_resume_config(cfg, run_dir, flag_overrides or {})
     validate(cfg)
