@@ -156,7 +156,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from ..data.loader import TensorLoader
     from ..hardware import resolve_device
     from ..plots import plot_confusion
-    from ..train.checkpoint import atomic_write_text, load_for_inference
+    from .._io import atomic_write_text
+    from ..train.checkpoint import load_for_inference
     from ..train.engine import evaluate
 
     model, meta = load_for_inference(args.checkpoint)

@@ -53,7 +53,7 @@ def build_report(study_dir: str | Path) -> dict[str, Any]:
     md.append("Regenerate with `resdense report " + str(out) + "`.")
     atomic_write_text(out / "report.md", "\n".join(md) + "\n")
 
-    body = [f"<h1>Degradation study: plain vs residual networks</h1>",
+    body = ["<h1>Degradation study: plain vs residual networks</h1>",
             f"<p><strong>Verdict.</strong> {html.escape(judged['text'])}</p>",
             f"<p>Setup: {html.escape(setup)}.</p>", "<table border='1' cellpadding='4'>",
             "<tr><th>net</th><th>depth</th><th>seeds</th><th>train error %</th><th>val error %</th><th>test error %</th></tr>"]

@@ -29,7 +29,7 @@ import torch.nn as nn
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .._io import atomic_write_bytes, atomic_write_text, fsync_dir
+from .._io import fsync_dir
 from ..errors import CheckpointError
 
 MODEL_FILE, STATE_FILE, META_FILE = "model.safetensors", "state.pt", "meta.json"

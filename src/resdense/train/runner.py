@@ -24,6 +24,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from .._io import atomic_write_text
 from ..data import load_dataset
 from ..data.loader import Augment, TensorLoader
 from ..errors import ConfigError, UserError
@@ -179,20 +180,20 @@ def record_gradients(ctx: RunContext, run_dir: Path, epoch: int, batches: int = 
     report = gradient_norms(ctx.model, ctx.val_loader, max_batches=batches, autocast_dtype=ctx.amp_dtype)
     out = run_dir / "gradients"
     out.mkdir(exist_ok=True)
-    ckpt.atomic_write_text(out / f"epoch-{epoch:04d}.json", json.dumps(report.to_dict(), indent=2))
+    atomic_write_text(out / f"epoch-{epoch:04d}.json", json.dumps(report.to_dict(), indent=2))
     plots.plot_gradient_norms({f"{ctx.cfg.model} epoch {epoch}": report}, out / f"epoch-{epoch:04d}.png",
                               title=f"Gradient norm per layer, {ctx.cfg.model}, epoch {epoch}")
 
 
 def _write_metrics(run_dir: Path, rows: list[dict[str, Any]]) -> None:
-    ckpt.atomic_write_text(run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    atomic_write_text(run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
     import io
 
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=METRIC_FIELDS, extrasaction="ignore")
     writer.writeheader()
     writer.writerows(rows)
-    ckpt.atomic_write_text(run_dir / "metrics.csv", buf.getvalue())
+    atomic_write_text(run_dir / "metrics.csv", buf.getvalue())
 
 
 def prepare_run_dir(cfg: TrainConfig, resume: bool, overwrite: bool) -> Path:
@@ -268,7 +269,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False,
     elif resume:
         log(f"nothing to resume in {run_dir}; starting a new run")
     if is_main_process():
-        ckpt.atomic_write_text(run_dir / "config.json", json.dumps(cfg.to_dict(), indent=2))
+        atomic_write_text(run_dir / "config.json", json.dumps(cfg.to_dict(), indent=2))
 
     schedule = make_schedule(cfg, ctx.total_steps)
     steps_per_epoch = len(ctx.train_loader)
@@ -309,7 +310,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False,
             ckpt.save_checkpoint(run_dir, state.epoch, ctx.model, saved_state, {**meta, "epoch": state.epoch,
                                  "step": state.step, "val_error": row["val_error"]}, is_best=is_best)
             _write_metrics(run_dir, history)
-            ckpt.atomic_write_text(run_dir / "curve.jsonl", "".join(json.dumps(r) + "\n" for r in curve))
+            atomic_write_text(run_dir / "curve.jsonl", "".join(json.dumps(r) + "\n" for r in curve))
             if cfg.record_gradients:
                 record_gradients(ctx, run_dir, state.epoch)
         if epoch_callback is not None:  # after the checkpoint: a crash here is a crash between epochs
@@ -350,7 +351,7 @@ def final_evaluation(ctx: RunContext, run_dir: Path, history: list[dict[str, Any
         summary.setdefault("test_error_best", summary["test_error_last"])
         summary["best_epoch"] = int(ckpt.read_meta((run_dir / "best").resolve())["epoch"]) if best_dir.exists() else len(history)
         summary["test_accuracy_last"] = 1 - summary["test_error_last"]
-        ckpt.atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2, default=str))
+        atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2, default=str))
         log(f"test error: last epoch {summary['test_error_last']:.4f} (accuracy {summary['test_accuracy_last']:.4f}), "
             f"best-val epoch {summary['best_epoch']} {summary['test_error_best']:.4f}; wall {summary['wall_time']:.0f}s")
     return summary
@@ -385,7 +386,7 @@ def train_seeds(cfg: TrainConfig, seeds: list[int], **kwargs: Any) -> dict[str, 
             summary[key] = {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
                             "values": values}
     if is_main_process():
-        ckpt.atomic_write_text(Path(cfg.out) / "summary.json", json.dumps(summary, indent=2))
+        atomic_write_text(Path(cfg.out) / "summary.json", json.dumps(summary, indent=2))
         e = summary["test_error_last"]
         log(f"{len(seeds)} seeds: test error {100 * e['mean']:.2f} ± {100 * e['std']:.2f} % (last epoch)")
     return summary
