@@ -29,22 +29,32 @@ class Augment:
     pad: int = 4
     flip: float = 0.5
 
-    def apply(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-        """Augment a uint8 batch ``x`` of shape (B, C, H, W); draws from ``gen`` on the CPU."""
-        b, c, h, w = x.shape
-        if self.pad > 0:
-            p = self.pad
-            offsets = torch.randint(0, 2 * p + 1, (2, b), generator=gen).to(x.device)
-            padded = F.pad(x, (p, p, p, p))  # (B, C, H + 2p, W + 2p), zeros = black pixels
-            rows = (offsets[0][:, None] + torch.arange(h, device=x.device))[:, None, :, None]  # (B, 1, H, 1)
-            cols = (offsets[1][:, None] + torch.arange(w, device=x.device))[:, None, None, :]  # (B, 1, 1, W)
-            batch = torch.arange(b, device=x.device)[:, None, None, None]
-            chans = torch.arange(c, device=x.device)[None, :, None, None]
-            x = padded[batch, chans, rows, cols]  # (B, C, H, W)
-        if self.flip > 0:
-            flips = (torch.rand(b, generator=gen) < self.flip).to(x.device)
-            x = torch.where(flips[:, None, None, None], x.flip(3), x)
+    def draw(self, n: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """Random crop offsets (2, n) in [0, 2 * pad] and flip flags (n,), from ``gen`` on the CPU."""
+        offsets = (torch.randint(0, 2 * self.pad + 1, (2, n), generator=gen) if self.pad > 0
+                   else torch.zeros(2, n, dtype=torch.int64))
+        flips = torch.rand(n, generator=gen) < self.flip if self.flip > 0 else torch.zeros(n, dtype=torch.bool)
+        return offsets, flips
+
+    def windows(self, images: torch.Tensor) -> torch.Tensor:
+        """Every crop of the zero-padded uint8 ``images`` (N, C, H, W), as a view of shape
+        (N, C, 2p + 1, 2p + 1, H, W); padding is zeros (black pixels), as torchvision pads."""
+        h, w = images.shape[-2:]
+        padded = F.pad(images, (self.pad,) * 4) if self.pad > 0 else images  # (N, C, H + 2p, W + 2p)
+        return padded.unfold(2, h, 1).unfold(3, w, 1)
+
+    @staticmethod
+    def take(windows: torch.Tensor, idx: torch.Tensor, offsets: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
+        """Images ``idx`` cropped at ``offsets`` and flipped where ``flips``: one gather for all of them."""
+        x = windows[idx, :, offsets[0], offsets[1]]  # (B, C, H, W), a fresh tensor
+        if bool(flips.any()):
+            x[flips] = x[flips].flip(3)
         return x
+
+    def apply(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        """Augment a uint8 batch ``x`` of shape (B, C, H, W)."""
+        offsets, flips = self.draw(len(x), gen)
+        return self.take(self.windows(x), torch.arange(len(x), device=x.device), offsets.to(x.device), flips.to(x.device))
 
 
 class TensorLoader:
@@ -78,8 +88,12 @@ class TensorLoader:
         self.shuffle, self.augment, self.drop_last = shuffle, augment, drop_last
         self.channels_last = channels_last
         chans = images.shape[1]
-        self.mean = torch.tensor(_per_channel(mean, chans), device=self.device).view(1, -1, 1, 1)
-        self.std = torch.tensor(_per_channel(std, chans), device=self.device).view(1, -1, 1, 1)
+        mean_t = torch.tensor(_per_channel(mean, chans), device=self.device).view(1, -1, 1, 1)
+        std_t = torch.tensor(_per_channel(std, chans), device=self.device).view(1, -1, 1, 1)
+        # (x / 255 - mean) / std as one multiply-add: x * scale + shift.
+        self.scale, self.shift = 1.0 / (255.0 * std_t), -mean_t / std_t
+        # Padded once here, so a batch is gathered and cropped in a single indexing operation.
+        self._windows = augment.windows(self.images) if augment is not None else None
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.epoch = 0
 
@@ -100,7 +114,8 @@ class TensorLoader:
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         """uint8 (B, C, H, W) -> normalised float32, channels-last if configured."""
-        x = (x.float().div_(255.0) - self.mean) / self.std
+        # Normalising in NCHW and converting after is faster than normalising channels-last data.
+        x = torch.addcmul(self.shift, x.float(), self.scale)
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -109,14 +124,18 @@ class TensorLoader:
         order = torch.randperm(n, generator=gen).to(self.device) if self.shuffle else torch.arange(n, device=self.device)
         for i in range(len(self)):
             idx = order[i * self.batch_size:(i + 1) * self.batch_size]
-            x = self.images[idx]
             if self.augment is not None:
                 # Drawn for the global batch, then sliced: every rank sees what one process would.
-                x = self.augment.apply(x, gen)
-            x, y = self._shard(x), self._shard(self.labels[idx])
-            yield self.normalize(x), y
+                offsets, flips = self.augment.draw(len(idx), gen)
+                idx, offsets, flips = self._shard(idx), self._shard(offsets.T).T, self._shard(flips)
+                x = self.augment.take(self._windows, idx, offsets.to(self.device), flips.to(self.device))
+            else:
+                idx = self._shard(idx)
+                x = self.images[idx]
+            yield self.normalize(x), self.labels[idx]
 
     def _shard(self, t: torch.Tensor) -> torch.Tensor:
+        """This rank's slice of a global batch (along the first dimension)."""
         if self.world_size == 1:
             return t
         per_rank = math.ceil(len(t) / self.world_size)

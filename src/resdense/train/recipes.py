@@ -26,11 +26,12 @@ RECIPES: dict[str, dict[str, Any]] = {
         milestones=[0.5, 0.75], gamma=0.1, epochs=300, iterations=None, augment=True, pad=4, flip=0.5,
         drop_rate_without_augment=0.2, warmup=0.0, label_smoothing=0.0,
     ),
-    # For a 2-core CPU: a short warm-up-then-cosine run with label smoothing and Nesterov
-    # momentum. Takes ResNet-20 on Fashion-MNIST past 93.5% test accuracy in under 15 minutes.
+    # For a 2-core CPU: six epochs of warm-up-then-cosine with Nesterov momentum and label
+    # smoothing; flips only (in six epochs ResNet-20 underfits Fashion-MNIST, and random crops
+    # cost more fit than they give back), and flip test-time augmentation.
     "quick": dict(
-        batch_size=256, lr=0.4, momentum=0.9, nesterov=True, weight_decay=5e-4, decay_norm_and_bias=False,
-        schedule="cosine", warmup=0.15, epochs=6, iterations=None, augment=True, pad=2, flip=0.5,
+        batch_size=128, lr=0.2, momentum=0.9, nesterov=True, weight_decay=5e-4, decay_norm_and_bias=False,
+        schedule="cosine", warmup=0.15, epochs=6, iterations=None, augment=True, pad=0, flip=0.5,
         label_smoothing=0.1, tta_flip=True,
     ),
 }
