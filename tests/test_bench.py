@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 
 import pytest
 import torch
@@ -13,7 +12,7 @@ import torch
 from resdense.bench import BENCHMARKS, BenchOptions, run_benchmarks
 from resdense.bench import memory, scaling
 from resdense.bench._common import format_table, with_threads
-from resdense.errors import ConfigError, UserError
+from resdense.errors import ConfigError
 
 # One thread: on a CPU shared with other jobs, OpenMP threads waiting on descheduled peers make
 # two-thread runs of tiny models many times slower.
@@ -21,22 +20,10 @@ QUICK = dict(quick=True, threads=1, verbose=False)
 
 
 def run_cli(argv: list[str]) -> int:
-    """`resdense ARGV`; registers the command module itself if the CLI does not list it yet."""
-    import importlib
+    """`resdense ARGV` in this process; returns the exit code."""
+    from resdense.cli import main
 
-    from resdense import cli
-
-    if argv[0] in cli._COMMAND_MODULES:
-        return cli.main(argv)
-    parser = cli._Parser(prog="resdense")
-    sub = parser.add_subparsers(dest="command", parser_class=cli._Parser)
-    importlib.import_module(f"resdense.cli.{argv[0]}").register(sub)
-    args = parser.parse_args(argv)
-    try:
-        return int(args.func(args) or 0)
-    except UserError as e:
-        print(f"resdense {args.command}: error: {e}", file=sys.stderr)
-        return e.exit_code
+    return main(argv)
 
 
 def _finite(x) -> bool:

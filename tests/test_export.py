@@ -123,12 +123,14 @@ def test_inference_model_matches_and_leaves_original():
 
 
 def test_bf16_detection_follows_cpu_flags(monkeypatch):
-    import resdense.export as ex
+    import resdense.hardware as hw
 
-    monkeypatch.setattr(ex, "_cpu_flags", lambda: {"sse2", "avx2"})
+    monkeypatch.setattr(hw, "_cpu_flags", lambda: frozenset({"sse2", "avx2"}))
     assert not bf16_supported("cpu")
-    monkeypatch.setattr(ex, "_cpu_flags", lambda: {"avx2", "amx_bf16"})
+    assert hw.resolve_precision("auto", torch.device("cpu")) is None  # fp32 where bf16 is emulated
+    monkeypatch.setattr(hw, "_cpu_flags", lambda: frozenset({"avx2", "amx_bf16"}))
     assert bf16_supported("cpu")
+    assert hw.resolve_precision("auto", torch.device("cpu")) == torch.bfloat16
     # With bf16 hardware, the default path autocasts (checked without running the model).
     assert inference_model(nn.Sequential(nn.Conv2d(3, 2, 1)), fold=False).autocast_dtype == torch.bfloat16
 
@@ -199,22 +201,10 @@ def test_unknown_format_and_missing_onnxruntime(tmp_path, small_model, monkeypat
 
 
 def run_cli(argv: list[str]) -> int:
-    """`resdense ARGV`; registers the command module itself if the CLI does not list it yet."""
-    import importlib
+    """`resdense ARGV` in this process; returns the exit code."""
+    from resdense.cli import main
 
-    from resdense import cli
-
-    if argv[0] in cli._COMMAND_MODULES:
-        return cli.main(argv)
-    parser = cli._Parser(prog="resdense")
-    sub = parser.add_subparsers(dest="command", parser_class=cli._Parser)
-    importlib.import_module(f"resdense.cli.{argv[0]}").register(sub)
-    args = parser.parse_args(argv)
-    try:
-        return int(args.func(args) or 0)
-    except UserError as e:
-        print(f"resdense {args.command}: error: {e}", file=sys.stderr)
-        return e.exit_code
+    return main(argv)
 
 
 def test_cli_export_model(tmp_path, capsys):
