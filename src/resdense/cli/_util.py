@@ -21,6 +21,17 @@ def parse_size(text: str) -> tuple[int, int, int]:
     return c, h, w
 
 
+def int_list(text: str) -> list[int]:
+    """'0,1,2' -> [0, 1, 2]: an argparse type for lists of distinct integers (seeds, depths)."""
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a comma-separated list of integers, e.g. 0,1,2; got {text!r}") from None
+    if not values or len(set(values)) != len(values):
+        raise argparse.ArgumentTypeError(f"needs distinct values, e.g. 0,1,2; got {text!r}")
+    return values
+
+
 def parse_overrides(items: list[str] | None) -> dict[str, Any]:
     """['depth=110', 'shortcut=B'] -> {'depth': 110, 'shortcut': 'B'} (values as Python literals
     where they parse as one, strings otherwise)."""

@@ -5,17 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from ._util import parse_overrides
-
-
-def _int_list(text: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a comma-separated list of integers, e.g. 20,56; got {text!r}") from None
-    if not values or len(set(values)) != len(values):
-        raise argparse.ArgumentTypeError(f"needs distinct values, e.g. 20,56; got {text!r}")
-    return values
+from ._util import int_list, parse_overrides
 
 
 def register(sub: Any) -> None:
@@ -25,8 +15,8 @@ def register(sub: Any) -> None:
     d = studies.add_parser("degradation", help="plain vs residual nets across depth (ResNet paper, Fig. 6)")
     d.add_argument("--data", default="fashion-mnist")
     d.add_argument("--data-dir")
-    d.add_argument("--depths", type=_int_list, default=[20, 56], help="CIFAR-style depths 6n+2, e.g. 20,56")
-    d.add_argument("--seeds", type=_int_list, default=[0], help="e.g. 0,1,2 for mean ± std")
+    d.add_argument("--depths", type=int_list, default=[20, 56], help="CIFAR-style depths 6n+2, e.g. 20,56")
+    d.add_argument("--seeds", type=int_list, default=[0], help="e.g. 0,1,2 for mean ± std")
     d.add_argument("--preset", choices=("quick", "paper"), default="quick")
     d.add_argument("--shortcut", choices=("A", "B"), default="A", help="the residual nets' shortcut option")
     d.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a training setting of every run")

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError, DataError
-from ._util import parse_overrides
+from ._util import int_list, parse_overrides
 
 # Flag -> TrainConfig field, for flags whose value goes straight into the config.
 _FLAG_FIELDS = ("model", "data", "data_dir", "recipe", "epochs", "iterations", "batch_size", "lr", "seed",
@@ -33,16 +33,6 @@ def _positive_float(text: str) -> float:
     if not value > 0:
         raise argparse.ArgumentTypeError(f"must be positive; got {value}")
     return value
-
-
-def _seed_list(text: str) -> list[int]:
-    try:
-        seeds = [int(s) for s in text.split(",") if s.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a comma-separated list of integers, e.g. 0,1,2; got {text!r}") from None
-    if not seeds or len(set(seeds)) != len(seeds):
-        raise argparse.ArgumentTypeError(f"needs distinct seeds, e.g. 0,1,2; got {text!r}")
-    return seeds
 
 
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
@@ -79,7 +69,7 @@ def register(sub: Any) -> None:
     p = sub.add_parser("train", help="train a model (see --recipe)")
     add_train_arguments(p)
     p.add_argument("--seed", type=int)
-    p.add_argument("--seeds", type=_seed_list, help="several runs, e.g. 0,1,2: OUT/seed<N> each, mean ± std")
+    p.add_argument("--seeds", type=int_list, help="several runs, e.g. 0,1,2: OUT/seed<N> each, mean ± std")
     p.add_argument("--out", required=True, metavar="RUN_DIR")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--resume", action="store_true", help="continue the run in RUN_DIR exactly where it stopped")

@@ -8,7 +8,6 @@ of one. A download only takes its final name after its MD5 matched the published
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import http.client
 import logging
@@ -79,26 +78,19 @@ def download_file(url: str, dest: str | os.PathLike, md5: str, *, opener: Opener
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     opener = opener or urllib.request.urlopen
-    digest = hashlib.md5(usedforsecurity=False)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
-    try:
-        readable(fd)
-        with os.fdopen(fd, "wb") as out, opener(url, timeout=timeout) as response:
+
+    def stream(out: BinaryIO) -> None:
+        digest = hashlib.md5(usedforsecurity=False)
+        with opener(url, timeout=timeout) as response:
             while chunk := response.read(_CHUNK):
                 digest.update(chunk)
                 out.write(chunk)
-            out.flush()
-            os.fsync(out.fileno())
         got = digest.hexdigest()
-        if got != md5.lower():
+        if got != md5.lower():  # raised inside atomic_write: the partial file is removed
             raise DataError(f"downloaded {dest.name} from {url} has MD5 {got}, but the published checksum "
                             f"is {md5}: the mirror or the connection corrupted it; try again later")
-        os.replace(tmp, dest)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    fsync_dir(dest.parent)
+
+    atomic_write(dest, stream)
     return dest
 
 
