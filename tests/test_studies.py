@@ -18,7 +18,7 @@ import torch
 
 from resdense.cli import main
 from resdense.data.datasets import DatasetSplits, ImageSet
-from resdense.studies.degradation import final_table, verdict
+from resdense.studies.degradation import StudyConfig, final_table, run_config, verdict
 from resdense.train import runner
 
 DEPTHS = (8, 14)
@@ -267,6 +267,17 @@ def test_final_table_means_over_seeds_in_order():
     assert res["test_error"] == pytest.approx(0.17)
     assert table[1]["final_train_error_std"] == 0.0
     assert table[0]["final_train_error"] == pytest.approx(0.2)
+
+
+def test_run_config_keeps_model_settings_beside_depth_and_shortcut():
+    study = StudyConfig(depths=[20], shortcut="B", overrides={"model_kwargs": {"zero_init_last": True}, "epochs": 1})
+    plain, res = run_config(study, "plain", 20, 0), run_config(study, "resnet", 20, 3)
+    assert plain.model_kwargs == {"zero_init_last": True, "depth": 20}
+    assert res.model_kwargs == {"zero_init_last": True, "depth": 20, "shortcut": "B"}
+    assert (plain.model, res.model, res.seed, res.epochs) == ("cifar_plain", "cifar_resnet", 3, 1)
+    # the run's depth wins over a depth smuggled in through --set
+    clash = StudyConfig(overrides={"model_kwargs": {"depth": 110}})
+    assert run_config(clash, "resnet", 56, 0).model_kwargs["depth"] == 56
 
 
 # --- bad input: one line, exit 2, nothing trained -----------------------------------------------

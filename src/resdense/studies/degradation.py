@@ -26,8 +26,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     # fp32. The plain nets fall behind at once; the deeper ResNet needs ~250 steps to catch up
     # with the shallower one (at 234 steps it was still 0.7 points behind in training error).
     "quick": dict(recipe="quick", epochs=4, batch_size=128, lr=0.2, schedule="onecycle", warmup=0.3,
-                  label_smoothing=0.0, weight_decay=5e-4, tta_flip=False, train_subset=9000, val_size=2000,
-                  curve_every=10),
+                  label_smoothing=0.0, weight_decay=5e-4, tta_flip=False, min_scale=1.0, train_subset=9000,
+                  val_size=2000, curve_every=10),
     # He et al. 2015, Sec. 4.2 (for users with a GPU and CIFAR-10): depths 20/32/44/56/110.
     "paper": dict(recipe="resnet-cifar-paper", curve_every=100),
 }
@@ -56,11 +56,14 @@ def run_config(study: StudyConfig, kind: str, depth: int, seed: int) -> TrainCon
         raise ConfigError(f"unknown preset {study.preset!r}; choose one of {', '.join(PRESETS)}")
     preset = dict(PRESETS[study.preset])
     base = recipe(preset.pop("recipe"))
-    values = {**base, **preset, **study.overrides,
-              "recipe": PRESETS[study.preset]["recipe"], "model": KINDS[kind],
-              "model_kwargs": {"depth": depth, **({"shortcut": study.shortcut} if kind == "resnet" else {})},
-              "data": study.data, "data_dir": study.data_dir, "seed": seed, "progress": False,
-              "out": str(Path(study.out) / run_name(kind, depth, seed))}
+    values = {**base, **preset, **study.overrides}
+    # Model settings from the preset or --set (e.g. zero_init_last, which plain twins ignore)
+    # join the depth and shortcut this run is about.
+    model_kwargs = {**values.get("model_kwargs", {}), "depth": depth,
+                    **({"shortcut": study.shortcut} if kind == "resnet" else {})}
+    values.update({"recipe": PRESETS[study.preset]["recipe"], "model": KINDS[kind], "model_kwargs": model_kwargs,
+                   "data": study.data, "data_dir": study.data_dir, "seed": seed, "progress": False,
+                   "out": str(Path(study.out) / run_name(kind, depth, seed))})
     return apply_overrides(TrainConfig(), values, f"study preset {study.preset}")
 
 
