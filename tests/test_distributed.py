@@ -17,7 +17,7 @@ from resdense.models import create_model
 from resdense.train import checkpoint as ckpt
 from resdense.train.config import TrainConfig, apply_overrides
 from resdense.train.runner import build_optimizer, seed_everything
-from resdense.train.schedule import make_schedule
+from resdense.train.schedule import make_schedule, train_image_size
 
 ARGS = ["--model", "cifar_resnet", "-a", "depth=8", "--data", "synthetic", "--epochs", "2", "--batch-size", "64",
         "--train-subset", "256", "--lr", "0.05", "--set", "schedule=cosine", "--set", "warmup=0.2",
@@ -41,8 +41,10 @@ def _reference_weights(cfg: TrainConfig, world_size: int = 2) -> dict[str, torch
     schedule = make_schedule(cfg, cfg.epochs * len(loaders[0]))
     step = 0
     for epoch in range(cfg.epochs):
+        size = train_image_size(epoch, cfg.epochs, tuple(images.shape[-2:]), cfg.min_scale, cfg.resize_ramp,
+                                cfg.resize_step)
         for loader in loaders:
-            loader.set_epoch(epoch)
+            loader.set_epoch(epoch, size)
         model.train()
         for shards in zip(*loaders):
             for group in optimizer.param_groups:
@@ -67,7 +69,8 @@ def test_two_gloo_processes_match_one_process(tmp_path):
         "model": "cifar_resnet", "model_kwargs": {"depth": 8}, "data": "synthetic", "epochs": 2, "batch_size": 64,
         "train_subset": 256, "lr": 0.05, "schedule": "cosine", "warmup": 0.2, "label_smoothing": 0.1,
         **{k: v for k, v in __import__("resdense.train.recipes", fromlist=["recipe"]).recipe("quick").items()
-           if k in ("momentum", "nesterov", "weight_decay", "decay_norm_and_bias", "pad", "flip")},
+           if k in ("momentum", "nesterov", "weight_decay", "decay_norm_and_bias", "pad", "flip", "min_scale",
+                    "resize_ramp", "resize_step")},
     }, "test")
     torch.set_num_threads(1)
     reference = _reference_weights(cfg)

@@ -18,7 +18,7 @@ from resdense.train.config import TrainConfig, apply_overrides, load_config_file
 from resdense.train.engine import NonFiniteLossError
 from resdense.train.recipes import RECIPES
 from resdense.train.runner import train
-from resdense.train.schedule import Schedule, make_schedule
+from resdense.train.schedule import Schedule, make_schedule, train_image_size
 
 
 def tiny_cfg(out: Path, **overrides) -> TrainConfig:
@@ -92,6 +92,17 @@ def test_cosine_and_onecycle_schedules():
     assert [cos(i) for i in range(100)] == [cos(i) for i in range(100)]  # a pure function of the step
 
 
+def test_progressive_resizing_is_a_ramp_of_the_epoch():
+    sizes = [train_image_size(e, 8, (28, 28), min_scale=0.57, ramp=0.75, step=4) for e in range(8)]
+    # the quick recipe on Fashion-MNIST: a ramp over round(0.75 * 8) = 6 epochs in steps of 4 pixels
+    assert [h for h, _ in sizes] == [16, 16, 20, 20, 24, 24, 28, 28] and all(h == w for h, w in sizes)
+    assert train_image_size(5, 8, (28, 28), min_scale=0.5, ramp=0.5) == (28, 28)  # after the ramp: full size
+    assert train_image_size(0, 8, (28, 28)) == (28, 28)  # min_scale 1: off
+    assert train_image_size(0, 4, (30, 50), min_scale=0.5, step=4) == (16, 24)  # each side on its own, nearest
+    assert train_image_size(0, 2, (6, 6), min_scale=0.1, step=4) == (4, 4)  # never below one step
+    assert train_image_size(0, 2, (3, 3), min_scale=0.1, step=4) == (3, 3)  # nor above the image
+
+
 # --- loader -----------------------------------------------------------------------------------
 
 def _images(n=200, c=1, h=8, w=8):
@@ -108,6 +119,21 @@ def test_loader_shapes_normalisation_and_length():
     assert xb.dtype == torch.float32 and xb.is_contiguous(memory_format=torch.channels_last)
     assert torch.allclose(xb, (x[:64].float() / 255 - 0.5) / 0.25, atol=1e-6) and torch.equal(yb, y[:64])  # fp32 rounding
     assert len(TensorLoader(x, y, 64, drop_last=True)) == 3
+
+
+def test_loader_resizes_per_epoch_for_progressive_resizing():
+    x, y = _images()
+    loader = TensorLoader(x, y, 64, shuffle=True, augment=Augment(1, 0.5), mean=(0.5,), std=(0.25,), seed=1)
+    loader.set_epoch(2)
+    full = next(iter(loader))[0]
+    loader.set_epoch(2, (8, 8))  # the stored size: no resizing at all
+    assert torch.equal(next(iter(loader))[0], full)
+    loader.set_epoch(2, (4, 6))
+    small, labels = next(iter(loader))
+    assert small.shape == (64, 1, 4, 6) and small.is_contiguous(memory_format=torch.channels_last)
+    # the same images and augmentation, only smaller: an antialiased resize of the full-size batch
+    expected = torch.nn.functional.interpolate(full, size=(4, 6), mode="bilinear", antialias=True)
+    assert torch.allclose(small, expected, atol=1e-5) and labels.shape == (64,)
 
 
 def test_loader_is_deterministic_per_seed_and_epoch():
@@ -172,8 +198,10 @@ def test_training_run_writes_everything(tmp_path):
     assert len(list((run / "checkpoints").iterdir())) <= 2  # only last and best are kept
 
 
-def test_resume_continues_exactly(tmp_path):
-    full = train(tiny_cfg(tmp_path / "full", epochs=4))
+@pytest.mark.parametrize("min_scale", [1.0, 0.5])  # 0.5: progressive resizing, a function of the epoch
+def test_resume_continues_exactly(tmp_path, min_scale):
+    run_cfg = dict(epochs=4, min_scale=min_scale, resize_ramp=0.5)
+    full = train(tiny_cfg(tmp_path / "full", **run_cfg))
 
     class Crash(Exception):
         pass
@@ -183,14 +211,17 @@ def test_resume_continues_exactly(tmp_path):
             raise Crash
 
     with pytest.raises(Crash):
-        train(tiny_cfg(tmp_path / "cut", epochs=4), epoch_callback=crash_after_two)
-    resumed = train(tiny_cfg(tmp_path / "cut", epochs=4), resume=True)
+        train(tiny_cfg(tmp_path / "cut", **run_cfg), epoch_callback=crash_after_two)
+    resumed = train(tiny_cfg(tmp_path / "cut", **run_cfg), resume=True)
     a = ckpt.read_weights(tmp_path / "full" / "last")
     b = ckpt.read_weights(tmp_path / "cut" / "last")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     lrs = [[json.loads(line)["lr"] for line in (tmp_path / d / "metrics.jsonl").read_text().splitlines()] for d in ("full", "cut")]
     assert lrs[0] == lrs[1]
     assert full["test_error_last"] == resumed["test_error_last"]
+    sizes = [json.loads(line)["train_size"] for line in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
+    side = int(sizes[-1].split("x")[0])
+    assert sizes[-2:] == [f"{side}x{side}"] * 2 and (sizes[0] == sizes[-1]) == (min_scale == 1.0)
 
 
 def test_existing_run_dir_is_refused_without_resume_or_overwrite(tmp_path):

@@ -96,9 +96,13 @@ class TensorLoader:
         self._windows = augment.windows(self.images) if augment is not None else None
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.epoch = 0
+        self.size: Optional[tuple[int, int]] = None  # resize batches to this (H, W); None: as stored
 
-    def set_epoch(self, epoch: int) -> None:
+    def set_epoch(self, epoch: int, size: Optional[Sequence[int]] = None) -> None:
+        """Select the epoch's shuffle and augmentation stream and, for progressive resizing, the
+        (H, W) its batches are resized to (``None`` or the stored size: no resizing)."""
         self.epoch = epoch
+        self.size = None if size is None or tuple(size) == tuple(self.images.shape[-2:]) else (int(size[0]), int(size[1]))
 
     @property
     def num_samples(self) -> int:
@@ -113,9 +117,11 @@ class TensorLoader:
         return torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
-        """uint8 (B, C, H, W) -> normalised float32, channels-last if configured."""
+        """uint8 (B, C, H, W) -> normalised float32 (B, C, *size), channels-last if configured."""
         # Normalising in NCHW and converting after is faster than normalising channels-last data.
         x = torch.addcmul(self.shift, x.float(), self.scale)
+        if self.size is not None:  # antialiased, so a smaller image is a blurred one, not an aliased one
+            x = F.interpolate(x, size=self.size, mode="bilinear", antialias=True, align_corners=False)
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

@@ -52,6 +52,11 @@ class TrainConfig:
     drop_rate: Optional[float] = None
     drop_rate_without_augment: Optional[float] = None  # DenseNet: 0.2 when augmentation is off
     tta_flip: bool = False                  # evaluate on the image and its mirror (averaged softmax)
+    # progressive resizing: training images start at min_scale x their size and grow linearly to
+    # full size over the first resize_ramp of the epochs, in multiples of resize_step pixels
+    min_scale: float = 1.0
+    resize_ramp: float = 0.75
+    resize_step: int = 4
     # machine
     device: str = "auto"
     precision: str = "auto"                 # auto (bf16 where the hardware has it) | bf16 | fp32
@@ -154,6 +159,9 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         (cfg.warmup >= 0, f"warmup must be >= 0; got {cfg.warmup}"),
         (cfg.threads is None or cfg.threads > 0, f"--threads must be positive; got {cfg.threads}"),
         (cfg.curve_every > 0, f"curve_every must be positive; got {cfg.curve_every}"),
+        (0 < cfg.min_scale <= 1, f"min_scale must be in (0, 1]; got {cfg.min_scale}"),
+        (0 < cfg.resize_ramp <= 1, f"resize_ramp must be in (0, 1]; got {cfg.resize_ramp}"),
+        (cfg.resize_step > 0, f"resize_step must be positive; got {cfg.resize_step}"),
     ]
     for ok, message in checks:
         if not ok:

@@ -26,13 +26,16 @@ RECIPES: dict[str, dict[str, Any]] = {
         milestones=[0.5, 0.75], gamma=0.1, epochs=300, iterations=None, augment=True, pad=4, flip=0.5,
         drop_rate_without_augment=0.2, warmup=0.0, label_smoothing=0.0,
     ),
-    # For a 2-core CPU: six epochs of warm-up-then-cosine with Nesterov momentum and label
-    # smoothing; flips only (in six epochs ResNet-20 underfits Fashion-MNIST, and random crops
-    # cost more fit than they give back), and flip test-time augmentation.
+    # For a 2-core CPU: eight epochs of warm-up-then-cosine with Nesterov momentum and label
+    # smoothing; flips only (in so few epochs ResNet-20 underfits Fashion-MNIST, and random crops
+    # cost more fit than they give back), and flip test-time augmentation. Progressive resizing
+    # (16 -> 28 px on Fashion-MNIST over the first six epochs) makes the eight epochs cost less
+    # than six at full size: on ResNet-20 / Fashion-MNIST it reached 93.50% in 768 s, where six
+    # full-size epochs reached 93.43% in 843 s.
     "quick": dict(
         batch_size=128, lr=0.2, momentum=0.9, nesterov=True, weight_decay=5e-4, decay_norm_and_bias=False,
-        schedule="cosine", warmup=0.15, epochs=6, iterations=None, augment=True, pad=0, flip=0.5,
-        label_smoothing=0.1, tta_flip=True,
+        schedule="cosine", warmup=0.15, epochs=8, iterations=None, augment=True, pad=0, flip=0.5,
+        label_smoothing=0.1, tta_flip=True, min_scale=0.57, resize_ramp=0.75,
     ),
 }
 

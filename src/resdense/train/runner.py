@@ -33,10 +33,10 @@ from ..models import create_model
 from . import checkpoint as ckpt
 from .config import TrainConfig, apply_overrides, validate
 from .engine import TrainState, evaluate, train_one_epoch
-from .schedule import make_schedule
+from .schedule import make_schedule, train_image_size
 
 METRIC_FIELDS = ["epoch", "step", "lr", "train_loss", "train_error", "val_loss", "val_error", "images_per_s",
-                 "epoch_time", "wall_time"]
+                 "train_size", "epoch_time", "wall_time"]
 
 
 def is_main_process() -> bool:
@@ -284,7 +284,9 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False,
     if cfg.record_gradients and state.epoch == 0 and is_main_process():
         record_gradients(ctx, run_dir, 0)
     while state.step < ctx.total_steps:
-        ctx.train_loader.set_epoch(state.epoch)
+        size = train_image_size(state.epoch, total_epochs, tuple(ctx.splits.image_size), cfg.min_scale,
+                          cfg.resize_ramp, cfg.resize_step)
+        ctx.train_loader.set_epoch(state.epoch, size)
         epoch_start = time.perf_counter()
         with progress_ctx(state.epoch, total_epochs) as bar:
             stats = train_one_epoch(
@@ -297,7 +299,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False,
         row = {"epoch": state.epoch, "step": state.step, "lr": ctx.optimizer.param_groups[0]["lr"],
                "train_loss": stats["train_loss"], "train_error": stats["train_error"],
                "val_loss": val.get("loss", math.nan), "val_error": val.get("error", math.nan),
-               "images_per_s": stats["images_per_s"], "epoch_time": time.perf_counter() - epoch_start,
+               "images_per_s": stats["images_per_s"], "train_size": "x".join(map(str, size)),
+               "epoch_time": time.perf_counter() - epoch_start,
                "wall_time": wall_offset + time.perf_counter() - wall_start}
         history.append(row)
         val_error = row["val_error"] if not math.isnan(row["val_error"]) else row["train_error"]
@@ -317,7 +320,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False,
             epoch_callback(ctx, row)
         log(f"epoch {state.epoch}/{total_epochs}  train loss {row['train_loss']:.4f} err {row['train_error']:.4f}  "
             f"val loss {row['val_loss']:.4f} err {row['val_error']:.4f}  {row['images_per_s']:.0f} img/s  "
-            f"{row['epoch_time']:.0f}s")
+            f"{row['epoch_time']:.0f}s" + (f"  (trained at {row['train_size']})" if cfg.min_scale < 1 else ""))
     summary = final_evaluation(ctx, run_dir, history)
     return summary
 

@@ -1,4 +1,5 @@
-"""Learning-rate schedules as pure functions of the step.
+"""Learning-rate schedules as pure functions of the step, and the training image size as a pure
+function of the epoch (progressive resizing).
 
 Resuming a run only needs the step: the rate at step ``s`` is ``schedule(s)`` whatever
 happened before. The one exception, the ResNet paper's warm-up "until training error is
@@ -56,3 +57,19 @@ def make_schedule(cfg: TrainConfig, total_steps: int) -> Schedule:
         milestones=tuple(sorted(_to_steps(m, total_steps) for m in cfg.milestones)),
         gamma=cfg.gamma,
     )
+
+
+def train_image_size(epoch: int, total_epochs: int, full: tuple[int, int], min_scale: float = 1.0,
+               ramp: float = 0.75, step: int = 4) -> tuple[int, int]:
+    """The (height, width) training images are resized to in ``epoch`` (0-based).
+
+    Progressive resizing (as in fast.ai's and FFCV's ImageNet recipes): the scale grows linearly
+    from ``min_scale`` at epoch 0 to 1 at epoch ``round(ramp * total_epochs)``, and every later
+    epoch trains at full size. Sides are rounded to the nearest multiple of ``step`` pixels (so
+    a few sizes recur and each costs a fraction of a full-size epoch) and never exceed ``full``.
+    """
+    ramp_epochs = int(round(ramp * total_epochs))
+    if min_scale >= 1.0 or epoch >= ramp_epochs:
+        return full
+    scale = min_scale + (1.0 - min_scale) * epoch / ramp_epochs
+    return tuple(min(side, max(step, int(math.floor(side * scale / step + 0.5)) * step)) for side in full)  # type: ignore[return-value]
