@@ -110,3 +110,35 @@ def test_real_fashion_mnist_slice_clearly_beats_chance(tmp_path):
     summary = train(cfg)
     assert summary["test_error_last"] < 0.35, summary  # chance is 0.90
     assert np.isfinite(summary["final_train_error"])
+
+
+def test_a_killed_run_resumes_to_the_weights_of_an_uninterrupted_one(tmp_path):
+    """SIGKILL a real `resdense train` process after its first epoch, `--resume` it, and compare
+    with a run that was never stopped: the weights are equal, not merely close."""
+    import os
+    import signal
+    import time
+
+    import torch
+
+    from resdense.train.checkpoint import read_weights
+
+    args = [sys.executable, "-m", "resdense", "train", *TINY, "--epochs", "5", "--train-subset", "1024",
+            "--threads", "1"]
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    assert subprocess.run([*args, "--out", str(whole)], capture_output=True, timeout=300).returncode == 0
+    proc = subprocess.Popen([*args, "--out", str(cut)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while proc.poll() is None and time.monotonic() < deadline:
+        metrics = cut / "metrics.jsonl"  # written right after the epoch's checkpoint
+        if metrics.is_file() and metrics.read_text().count("\n") >= 1:
+            os.kill(proc.pid, signal.SIGKILL)
+            break
+        time.sleep(0.02)
+    assert proc.wait(timeout=60) == -signal.SIGKILL, "the run ended before it could be killed"
+    assert not (cut / "summary.json").exists()
+    resumed = subprocess.run([*args, "--out", str(cut), "--resume"], capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "epoch 1/5" not in resumed.stdout  # it continued; it did not start over
+    a, b = read_weights(whole / "last"), read_weights(cut / "last")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

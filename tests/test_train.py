@@ -309,3 +309,20 @@ def test_error_triggered_warmup_holds_the_lr(tmp_path):
     train(cfg)
     lrs = [json.loads(line)["lr"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert lrs == [0.001, 0.001]
+
+
+def test_resume_accepts_the_same_settings_and_refuses_changed_ones(tmp_path):
+    from resdense.train.runner import resolve_resume_config
+
+    cfg = tiny_cfg(tmp_path / "run", epochs=1)
+    train(cfg)
+    run = tmp_path / "run"
+    saved = json.loads((run / "config.json").read_text())
+    assert saved["model_kwargs"]["depth"] == 8 and "num_classes" in saved["model_kwargs"]  # filled in by the run
+    # the first command's flags again (-a depth=8 ...), plus what may change: the run's config comes back
+    same = resolve_resume_config(cfg, run, {"model_kwargs": {"depth": 8}, "lr": 0.05, "epochs": 3, "threads": 1})
+    assert same.model_kwargs == saved["model_kwargs"] and same.epochs == 3
+    for changed, name in [({"model_kwargs": {"depth": 14}}, "model_kwargs"), ({"lr": 0.1}, "lr"),
+                          ({"model_kwargs": {"drop_rate": 0.1}}, "model_kwargs")]:
+        with pytest.raises(ConfigError, match=f"--resume keeps the run's settings.*{name}"):
+            resolve_resume_config(cfg, run, changed)

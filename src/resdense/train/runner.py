@@ -212,6 +212,14 @@ def prepare_run_dir(cfg: TrainConfig, resume: bool, overwrite: bool) -> Path:
     return run_dir
 
 
+def _same_setting(saved: Any, given: Any) -> bool:
+    # The saved model_kwargs also hold what the run filled in (num_classes, in_chans ...): the
+    # same -a flags as the first time agree with them when every key given matches.
+    if isinstance(saved, dict) and isinstance(given, dict):
+        return all(k in saved and saved[k] == v for k, v in given.items())
+    return saved == given
+
+
 def resolve_resume_config(cfg: TrainConfig, run_dir: Path, flag_overrides: dict[str, Any]) -> TrainConfig:
     """On resume the run's saved config wins; flags may extend the run (epochs, iterations) or
     change how it runs (progress, threads), not what is trained."""
@@ -220,7 +228,7 @@ def resolve_resume_config(cfg: TrainConfig, run_dir: Path, flag_overrides: dict[
         return cfg
     saved_cfg = apply_overrides(TrainConfig(), json.loads(saved.read_text()), str(saved))
     mutable = {"epochs", "iterations", "progress", "threads", "out", "device", "eval_batch_size", "compile"}
-    changed = {k: v for k, v in flag_overrides.items() if k not in mutable and getattr(saved_cfg, k) != v}
+    changed = {k: v for k, v in flag_overrides.items() if k not in mutable and not _same_setting(getattr(saved_cfg, k), v)}
     for key in ("model", "data"):
         if key in changed:
             raise ConfigError(f"{run_dir} was trained with {key}={getattr(saved_cfg, key)!r}, not {changed[key]!r}; "
