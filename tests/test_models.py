@@ -271,4 +271,8 @@ def test_registry_refuses_duplicates():
 def test_list_models_pattern():
     assert resdense.list_models("plain*")[:3] == ["plain18", "plain20", "plain32"]
     assert set(resdense.list_models("densenet_bc*")) == {"densenet_bc100_k12", "densenet_bc190_k40", "densenet_bc250_k24"}
+    # plain text matches anywhere in the name; wildcards keep their shell meaning
+    assert "cifar_densenet" in resdense.list_models("densenet") and "densenet121" in resdense.list_models("densenet")
+    assert "cifar_densenet" not in resdense.list_models("densenet*")
+    assert resdense.list_models("resnet20") == ["resnet20"] and resdense.list_models("no_such_net") == []
     assert isinstance(resdense.create_model("densenet121"), DenseNet)

@@ -14,7 +14,7 @@ from ._util import human, parse_overrides, parse_size, print_json
 
 def register(sub: Any) -> None:
     p = sub.add_parser("list", help="list registered models")
-    p.add_argument("pattern", nargs="?", default="*", help="shell-style pattern, e.g. 'resnet*'")
+    p.add_argument("pattern", nargs="?", default="*", help="shell-style pattern, e.g. 'resnet*'; plain text matches anywhere in the name")
     p.add_argument("--info", action="store_true", help="also show params and MACs at each model's default input")
     p.set_defaults(func=cmd_list)
 

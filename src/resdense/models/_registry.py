@@ -105,5 +105,8 @@ def create_model(name: str, **kwargs: Any) -> nn.Module:
 
 
 def list_models(pattern: str = "*") -> list[str]:
-    """Registered model names matching a shell-style ``pattern``, in natural order."""
+    """Registered model names matching a shell-style ``pattern``, in natural order; a pattern
+    without wildcards matches anywhere in the name (``densenet`` finds ``cifar_densenet``)."""
+    if not any(ch in pattern for ch in "*?["):
+        pattern = f"*{pattern}*"
     return [n for n in _REGISTRY.names() if fnmatch.fnmatchcase(n, pattern)]
