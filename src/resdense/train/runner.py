@@ -293,7 +293,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False,
         record_gradients(ctx, run_dir, 0)
     while state.step < ctx.total_steps:
         size = train_image_size(state.epoch, total_epochs, tuple(ctx.splits.image_size), cfg.min_scale,
-                          cfg.resize_ramp, cfg.resize_step)
+                                cfg.resize_ramp, cfg.resize_step)
         ctx.train_loader.set_epoch(state.epoch, size)
         epoch_start = time.perf_counter()
         with progress_ctx(state.epoch, total_epochs) as bar:

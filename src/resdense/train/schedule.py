@@ -60,7 +60,7 @@ def make_schedule(cfg: TrainConfig, total_steps: int) -> Schedule:
 
 
 def train_image_size(epoch: int, total_epochs: int, full: tuple[int, int], min_scale: float = 1.0,
-               ramp: float = 0.75, step: int = 4) -> tuple[int, int]:
+                     ramp: float = 0.75, step: int = 4) -> tuple[int, int]:
     """The (height, width) training images are resized to in ``epoch`` (0-based).
 
     Progressive resizing (as in fast.ai's and FFCV's ImageNet recipes): the scale grows linearly
