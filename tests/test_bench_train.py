@@ -59,14 +59,15 @@ def test_cli_bench_pipeline_quick(tmp_path, capsys):
         assert by_data["fashion-mnist"][0]["shape"] == "1x28x28"
 
 
-def test_training_quick_rows_and_profile(tmp_path):
-    rows = training.run(BenchOptions(out_dir=tmp_path, **QUICK))
+@pytest.mark.parametrize("precision", ["auto", "fp32"])
+def test_training_quick_rows_and_profile(tmp_path, precision):
+    rows = training.run(BenchOptions(out_dir=tmp_path, precision=precision, **QUICK))
     assert [r["column"] for r in rows] == ["usual", "resdense", "resdense+compile"]
     usual, fast, compiled = rows
     assert compiled["skipped"] == "pass --compile" and "images_per_s" not in compiled
     assert usual["memory_format"] == "nchw" and usual["precision"] == "fp32"
     assert fast["memory_format"] == "channels_last"
-    expected = resolve_precision("auto", torch.device("cpu"))
+    expected = resolve_precision(precision, torch.device("cpu"))
     assert fast["precision"] == ("fp32" if expected is None else str(expected).removeprefix("torch."))
     for r in (usual, fast):
         assert r["case"] == "cifar_resnet(depth=8)" and r["batch"] == 16 and r["timed_steps"] == 1

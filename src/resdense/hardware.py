@@ -55,3 +55,8 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
     if precision == "fp32" or (precision == "auto" and not bf16_supported(device)):
         return None
     return torch.bfloat16
+
+
+def precision_name(dtype: torch.dtype | None) -> str:
+    """'fp32' for plain fp32 (``None``), else the dtype's name ('bfloat16')."""
+    return "fp32" if dtype is None else str(dtype).removeprefix("torch.")

@@ -39,6 +39,7 @@ class BenchOptions:
     compile: bool = False
     threads: Optional[int] = None
     verbose: bool = True
+    precision: str = "auto"
 
 
 def with_threads(run: Callable[[BenchOptions], list[Row]]) -> Callable[[BenchOptions], list[Row]]:

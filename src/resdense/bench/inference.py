@@ -29,7 +29,7 @@ import torch.nn as nn
 
 from ..export import export_model, inference_model, onnx_session
 from ..models import create_model
-from ..hardware import resolve_device
+from ..hardware import precision_name, resolve_device, resolve_precision
 from ._common import (BenchOptions, Row, format_table, median, perturb_bn_stats, say, time_calls,
                       with_threads, write_rows)
 
@@ -60,10 +60,11 @@ def _variants(model: nn.Module, case: InferenceCase, opts: BenchOptions, device:
         with torch.inference_mode():
             return model(x)
 
-    fast = inference_model(model)
+    amp = resolve_precision(opts.precision, device)
+    fast = inference_model(model, dtype=amp or torch.float32)
     variants: list[tuple[str, Callable[[torch.Tensor], torch.Tensor]]] = [("eager", eager), ("resdense", fast)]
     if opts.compile:
-        variants.append(("resdense+compile", inference_model(model, compile=True)))
+        variants.append(("resdense+compile", inference_model(model, dtype=amp or torch.float32, compile=True)))
     if device.type == "cpu" and importlib.util.find_spec("onnxruntime") is not None:
         example = torch.randn(2, *case.input_size)
         onnx_path = tmp / f"{case.model}.onnx"
@@ -88,8 +89,10 @@ def _measure(case: InferenceCase, opts: BenchOptions, device: torch.device) -> l
     rows = []
     with tempfile.TemporaryDirectory(prefix="resdense-bench-") as tmp:
         for name, fn in _variants(model, case, opts, device, Path(tmp)):
+            # eager and ONNX Runtime are the fp32 references; the resdense path runs the precision asked for.
+            precision = precision_name(resolve_precision(opts.precision, device)) if name.startswith("resdense") else "fp32"
             row: dict[str, Any] = {"model": case.model, "input": "x".join(map(str, case.input_size)),
-                                   "variant": name, "batch": case.batch}
+                                   "variant": name, "precision": precision, "batch": case.batch}
             try:
                 out = fn(xb)  # also the warm-up (and the compilation, for compiled variants)
                 row["max_abs_diff"] = float((out.float() - reference).abs().max())
@@ -110,7 +113,7 @@ def _measure(case: InferenceCase, opts: BenchOptions, device: torch.device) -> l
     return rows
 
 
-COLUMNS = [("model", "model", "s"), ("input", "input", "s"), ("variant", "variant", "s"),
+COLUMNS = [("model", "model", "s"), ("input", "input", "s"), ("variant", "variant", "s"), ("precision", "prec", "s"),
            ("latency_ms", "b1 ms", ".2f"), ("batch", "batch", "d"), ("throughput_ips", "img/s", ".1f"),
            ("speedup_vs_eager", "x eager", ".2f"), ("max_abs_diff", "max |diff|", ".1e"), ("rel_diff", "rel", ".0e"), ("error", "error", "s")]
 

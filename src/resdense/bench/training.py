@@ -33,7 +33,7 @@ import torch
 import torch.nn as nn
 
 from ..data import TensorLoader, channel_stats
-from ..hardware import resolve_device, resolve_precision
+from ..hardware import precision_name, resolve_device, resolve_precision
 from ..models import create_model
 from ..train.config import TrainConfig
 from ..train.engine import TrainState, train_one_epoch
@@ -108,7 +108,7 @@ class _Column:
     data: str
 
 
-def _build(case: TrainCase, column: str, device: torch.device) -> _Column:
+def _build(case: TrainCase, column: str, device: torch.device, precision: str = "auto") -> _Column:
     torch.manual_seed(0)  # every column starts from the same weights
     model = create_model(case.model, **case.kwargs).to(device).train()
     num_classes = int(getattr(model, "num_classes", 10))
@@ -126,7 +126,7 @@ def _build(case: TrainCase, column: str, device: torch.device) -> _Column:
                       weight_decay=WEIGHT_DECAY)
     train_model = torch.compile(model) if column == "resdense+compile" else model
     return _Column(model, train_model, build_optimizer(model, cfg), endless(loader),
-                   resolve_precision("auto", device), "channels_last", "TensorLoader")
+                   resolve_precision(precision, device), "channels_last", "TensorLoader")
 
 
 def _run_steps(col: _Column, state: TrainState, steps: int, device: torch.device) -> float:
@@ -159,16 +159,16 @@ def _self_cpu(event: Any) -> float:
 
 
 def measure(case: TrainCase, column: str, device: torch.device,
-            want_profile: bool = False) -> tuple[Row, Optional[list[Row]]]:
+            want_profile: bool = False, precision: str = "auto") -> tuple[Row, Optional[list[Row]]]:
     """One row: ``case`` trained in ``column``; and the profile of one step if asked for."""
-    col = _build(case, column, device)
+    col = _build(case, column, device, precision)
     state = TrainState()
     first = _run_steps(col, state, 1, device)  # compiles, for the compile column
     warmup_s = first + (_run_steps(col, state, case.warmup - 1, device) if case.warmup > 1 else 0.0)
     times = [_run_steps(col, state, case.per_window, device) / case.per_window for _ in range(case.windows)]
     step_s = median(times)
     row: Row = {"case": case.label, "model": case.model, "input": "x".join(map(str, case.input_size)),
-                "batch": case.batch, "column": column, "precision": _precision_name(col.amp_dtype),
+                "batch": case.batch, "column": column, "precision": precision_name(col.amp_dtype),
                 "memory_format": col.memory_format, "data": col.data, "warmup_steps": case.warmup,
                 "timed_steps": case.windows * case.per_window, "step_s": step_s,
                 "images_per_s": case.batch / step_s, "step_times_s": times, "first_step_s": first,
@@ -178,10 +178,6 @@ def measure(case: TrainCase, column: str, device: torch.device,
         row["compile_s"] = max(warmup_s - max(case.warmup, 1) * step_s, 0.0)
     prof = profile_step(col, device) if want_profile else None
     return row, prof
-
-
-def _precision_name(dtype: Optional[torch.dtype]) -> str:
-    return "fp32" if dtype is None else str(dtype).removeprefix("torch.")
 
 
 def _measure_case(case: TrainCase, opts: BenchOptions, device: torch.device) -> tuple[list[Row], Optional[list[Row]]]:
@@ -197,7 +193,8 @@ def _measure_case(case: TrainCase, opts: BenchOptions, device: torch.device) -> 
             rows.append({**base, "skipped": "pass --compile"})
             continue
         try:
-            row, p = measure(case, column, device, want_profile=case.profile and column == "resdense")
+            row, p = measure(case, column, device, want_profile=case.profile and column == "resdense",
+                             precision=opts.precision)
         except Exception as e:  # only the compile column may fail (no C++ compiler ...)
             if column != "resdense+compile":
                 raise

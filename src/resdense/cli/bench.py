@@ -23,6 +23,8 @@ def register(sub: Any) -> None:
     p.add_argument("--threads", type=int, default=None, metavar="N",
                    help="torch/onnxruntime threads (default: torch's, one per core); fewer helps on a busy CPU")
     p.add_argument("--compile", action="store_true", help="add torch.compile variants where a benchmark has them")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                   help="the resdense columns' arithmetic (default auto: bf16 where the hardware runs it natively)")
     p.set_defaults(func=cmd_bench)
 
 
@@ -37,7 +39,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise ConfigError(f"--threads must be a positive integer; got {args.threads}")
     names = list(BENCHMARKS) if args.which == "all" else [args.which]
     opts = BenchOptions(quick=args.quick, out_dir=args.out, device=args.device, compile=args.compile,
-                        threads=args.threads)
+                        threads=args.threads, precision=args.precision)
     start = time.perf_counter()
     run_benchmarks(names, opts)
     print(f"bench: {', '.join(names)} done in {time.perf_counter() - start:.0f} s; "
