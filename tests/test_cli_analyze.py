@@ -90,17 +90,30 @@ def test_analysis_goes_into_the_study_by_default(study, tmp_path):
     _png(copy / "analysis" / "responses.png")  # one depth: one figure, no depth suffix
 
 
-def test_runs_sharing_a_name_keep_their_folder_names(study, tmp_path):
-    """Two seeds of one net must not overwrite each other's report."""
-    for seed in (0, 1):
-        shutil.copytree(study / "plain8-seed0", tmp_path / f"plain8-seed{seed}", symlinks=True)
-    code, _, err = run_cli(["analyze", "responses", "--checkpoint", str(tmp_path / "plain8-seed0"),
-                            "--checkpoint", str(tmp_path / "plain8-seed1"), "--out", str(tmp_path / "a"),
-                            "--batches", "1", "--batch-size", "50"])
+@pytest.mark.parametrize("analysis", ["gradients", "responses", "lesion"])
+def test_a_two_seed_study_draws_every_net_over_its_seeds(analysis, study, tmp_path, monkeypatch):
+    """Two nets x two seeds: each net is one line of the figure (mean and band), printed with its
+    spread, and saved with both runs; no run is labelled by its checkpoint folder."""
+    from resdense import plots
+
+    for net in ("plain8", "resnet8"):
+        for seed in (0, 1):
+            shutil.copytree(study / f"{net}-seed0", tmp_path / "s" / f"{net}-seed{seed}", symlinks=True)
+    drawn: list[dict[str, Any]] = []
+    name = {"gradients": "plot_gradient_norms", "responses": "plot_layer_responses", "lesion": "plot_lesion"}[analysis]
+    real = getattr(plots, name)
+    monkeypatch.setattr(plots, name, lambda reports, path, **kw: drawn.append(dict(reports)) or real(reports, path, **kw))
+    code, out, err = run_cli(["analyze", analysis, "--study", str(tmp_path / "s"), "--batches", "1", "--batch-size", "50"])
     assert code == 0, err
-    reports = json.loads((tmp_path / "a" / "responses.json").read_text())
-    assert set(reports) == {"plain8-seed0", "plain8-seed1"}
-    _png(tmp_path / "a" / "responses.png")  # same depth: one figure
+    assert "last" not in out.split() and "(2 seeds:" in out
+    [members] = drawn  # one depth: one figure with both nets
+    keys = {"plain8", "resnet8"} if analysis != "gradients" else {f"{n} ({s})" for n in ("plain8", "resnet8")
+                                                                   for s in ("init", "trained")}
+    assert set(members) == keys and all(len(v) == 2 for v in members.values())
+    saved = json.loads((tmp_path / "s" / "analysis" / f"{analysis}.json").read_text())
+    assert set(saved) == keys
+    assert all(set(v["runs"]) == {k.split(" ")[0] + "-seed0", k.split(" ")[0] + "-seed1"} for k, v in saved.items())
+    _png(tmp_path / "s" / "analysis" / f"{analysis}.png")
 
 
 def test_reuse_on_a_densenet_writes_the_heatmap(densenet_run):

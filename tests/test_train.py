@@ -326,3 +326,37 @@ def test_resume_accepts_the_same_settings_and_refuses_changed_ones(tmp_path):
                           ({"model_kwargs": {"drop_rate": 0.1}}, "model_kwargs")]:
         with pytest.raises(ConfigError, match=f"--resume keeps the run's settings.*{name}"):
             resolve_resume_config(cfg, run, changed)
+
+
+# --- the final model's training error (the papers' "training error") ---------------------------
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_eval_mode_training_error_equals_a_hand_computation(tmp_path, precision):
+    """summary's train_error_eval: the final weights, eval mode, the run's seeded training subset,
+    no augmentation, computed here by hand. Both precision paths are forced (never what the
+    machine picks); bf16 runs on a tiny model so an emulating CPU stays fast."""
+    from resdense.data import load_dataset
+    from resdense.train.checkpoint import load_for_inference
+
+    cfg = tiny_cfg(tmp_path / "run", epochs=2, train_subset=128, batch_size=32, eval_train=True, seed=3,
+                   precision=precision, test_subset=100, threads=1)
+    summary = train(cfg)
+    splits = load_dataset("synthetic", None, val_size=cfg.val_size, split_seed=0)
+    pick = torch.randperm(len(splits.train.images), generator=torch.Generator().manual_seed(3))[:128]
+    images, labels = splits.train.images[pick], splits.train.labels[pick]
+    mean = torch.tensor(splits.mean).view(1, -1, 1, 1)
+    std = torch.tensor(splits.std).view(1, -1, 1, 1)
+    x = (images.float() / 255 - mean) / std
+    model, _ = load_for_inference(tmp_path / "run", prefer="last")
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+        logits = model(x).float()
+    by_hand = (logits.argmax(1) != labels).float().mean().item()
+    if precision == "fp32":
+        assert summary["train_error_eval"] == pytest.approx(by_hand, abs=1e-9)
+    else:  # bf16 rounding may flip a near-tie or two between two equally valid computations
+        assert abs(summary["train_error_eval"] - by_hand) <= 2 / 128
+    assert 0 <= summary["train_error_eval"] <= 1 and summary["train_loss_eval"] > 0
+    assert summary["test_images"] == 100
+    # the running error of the last epoch is kept beside it, under its own name
+    assert summary["final_train_error"] == json.loads((tmp_path / "run" / "metrics.jsonl").read_text()
+                                                      .splitlines()[-1])["train_error"]

@@ -12,6 +12,7 @@ backend of a caller's session (a notebook keeps its own).
 from __future__ import annotations
 
 import math
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Mapping, Union
 
@@ -49,6 +50,33 @@ def _style(index: int, shortcuts: bool) -> dict:
     return dict(color=f"C{index % 10}", linestyle="-" if shortcuts else "--")
 
 
+def _as_list(report):
+    """A net's reports over seeds: one report, or a list of them (one per seed)."""
+    return list(report) if isinstance(report, (list, tuple)) else [report]
+
+
+def _band(ax, xs, series: list, style: dict, label: str, geometric: bool = False, **kwargs) -> np.ndarray:
+    """The mean of ``series`` (one array per seed) as a line, and with several seeds their
+    min-max range as a shaded band; returns the mean. ``geometric`` averages logs (for norms
+    drawn on a log axis)."""
+    arr = np.asarray(series, dtype=float)
+    n = len(series)
+    # Columns that are NaN on every seed (a block that cannot be deleted) stay NaN, silently.
+    with np.errstate(divide="ignore", invalid="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        mean = np.exp(np.nanmean(np.log(arr), axis=0)) if geometric else np.nanmean(arr, axis=0)
+        low, high = np.nanmin(arr, axis=0), np.nanmax(arr, axis=0)
+    ax.plot(xs, mean, label=label + (f" (mean of {n} seeds, band: range)" if n > 1 else ""), **style, **kwargs)
+    if n > 1:
+        ax.fill_between(xs, low, high, color=style["color"], alpha=0.18, linewidth=0)
+    return mean
+
+
+def geometric_mean(values) -> float:
+    values = [v for v in values if v is not None and v > 0 and math.isfinite(v)]
+    return math.exp(sum(math.log(v) for v in values) / len(values)) if values else math.nan
+
+
 def plot_gradient_norms(reports: Mapping[str, "GradientReport"], path: PathLike,
                         title: str = "Gradient norm per layer") -> Path:
     """Gradient L2 norm against layer index (log scale), one line per model.
@@ -57,19 +85,20 @@ def plot_gradient_norms(reports: Mapping[str, "GradientReport"], path: PathLike,
     projection shortcuts are crosses at the position of the block they bypass.
     """
     fig, (ax,) = _figure(width=7.5)
-    for i, (label, r) in enumerate(reports.items()):
-        style = _style(i, r.has_shortcuts)
-        xs, ys, sx, sy = [], [], [], []
-        for norm, kind in zip(r.norms, r.kinds):
-            if kind == "shortcut":
-                sx.append(max(len(xs), 1))
-                sy.append(norm)
-            else:
-                xs.append(len(xs) + 1)
-                ys.append(norm)
-        ax.plot(xs, ys, marker=".", label=f"{label} (first/last conv = {r.ratio_first_last:.3g})", **style)
+    for i, (label, group) in enumerate(reports.items()):
+        group = _as_list(group)
+        style = _style(i, group[0].has_shortcuts)
+        kinds = group[0].kinds
+        main = [j for j, k in enumerate(kinds) if k != "shortcut"]
+        xs = list(range(1, len(main) + 1))
+        ratio = geometric_mean(r.ratio_first_last for r in group)
+        ys = _band(ax, xs, [[r.norms[j] for j in main] for r in group], style,
+                   f"{label} (first/last conv = {ratio:.3g})", geometric=True, marker=".")
         ax.plot(xs[-1:], ys[-1:], marker="s", color=style["color"], linestyle="none")
+        # A shortcut projection sits at the position of the block it bypasses.
+        sx = [max(sum(1 for m in main if m < j), 1) for j, k in enumerate(kinds) if k == "shortcut"]
         if sx:
+            sy = [geometric_mean(r.norms[j] for r in group) for j, k in enumerate(kinds) if k == "shortcut"]
             ax.plot(sx, sy, marker="x", color=style["color"], linestyle="none")
     ax.set_yscale("log")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -88,11 +117,12 @@ def plot_layer_responses(reports: Mapping[str, "ResponseReport"], path: PathLike
                          title: str = "Std of 3x3 layer responses (He et al. 2015, Fig. 7)") -> Path:
     """Two panels: response std by layer index, and the same sorted in descending order."""
     fig, (by_layer, by_size) = _figure(ncols=2)
-    for i, (label, r) in enumerate(reports.items()):
-        style = _style(i, r.has_shortcuts)
-        xs = np.arange(1, len(r.stds) + 1)
-        by_layer.plot(xs, r.stds, marker=".", label=label, **style)
-        by_size.plot(xs, r.sorted_stds, marker=".", label=label, **style)
+    for i, (label, group) in enumerate(reports.items()):
+        group = _as_list(group)
+        style = _style(i, group[0].has_shortcuts)
+        xs = np.arange(1, len(group[0].stds) + 1)
+        _band(by_layer, xs, [r.stds for r in group], style, label, marker=".")
+        _band(by_size, xs, [r.sorted_stds for r in group], style, label, marker=".")
     by_layer.set_xlabel("layer index (3x3 conv layers in depth order)")
     by_layer.set_title("by depth")
     by_size.set_xlabel("rank (layers sorted by std, largest first)")
@@ -113,12 +143,16 @@ def plot_lesion(reports: Mapping[str, "LesionReport"], path: PathLike,
     at random (mean ± std over trials; 0 is the intact model)."""
     fig, (single, rand) = _figure(ncols=2)
     any_random = False
-    for i, (label, r) in enumerate(reports.items()):
+    for i, (label, group) in enumerate(reports.items()):
+        group = _as_list(group)
+        r = group[0]
         style = _style(i, r.has_shortcuts)
         xs = [b.index for b in r.blocks]
-        errs = [b.error_pct if b.error_pct is not None else math.nan for b in r.blocks]
-        single.plot(xs, errs, marker=".", label=f"{label} ({r.removable_count}/{len(r.blocks)} deletable)", **style)
-        single.axhline(r.baseline_error_pct, color=style["color"], linestyle=":", linewidth=1)
+        per_seed = [[b.error_pct if b.error_pct is not None else math.nan for b in g.blocks] for g in group]
+        errs = list(_band(single, xs, per_seed, style, f"{label} ({r.removable_count}/{len(r.blocks)} deletable)",
+                          marker="."))
+        single.axhline(float(np.mean([g.baseline_error_pct for g in group])), color=style["color"], linestyle=":",
+                       linewidth=1)
         down = [(b.index, e) for b, e in zip(r.blocks, errs) if b.downsampling and not math.isnan(e)]
         if down:
             single.plot(*zip(*down), marker="o", markersize=9, markerfacecolor="none",
@@ -128,12 +162,15 @@ def plot_lesion(reports: Mapping[str, "LesionReport"], path: PathLike,
             # Axis-fraction y: the crosses sit at the top whatever the error range.
             single.plot(fixed, [0.97] * len(fixed), marker="x", color=style["color"], linestyle="none",
                         transform=single.get_xaxis_transform())
-        if r.random is not None:
+        randoms = [g.random for g in group if g.random is not None]
+        if randoms:
             any_random = True
-            ks = [0, *r.random.k_values]
-            mean = [r.baseline_error_pct, *r.random.mean_error_pct]
-            std = [0.0, *r.random.std_error_pct]
-            rand.errorbar(ks, mean, yerr=std, marker=".", capsize=3, label=label, **style)
+            ks = [0, *randoms[0].k_values]
+            means = np.array([[g.baseline_error_pct, *g.random.mean_error_pct] for g in group if g.random is not None])
+            # one seed: the spread over random trials; several: the spread of the seeds' means
+            std = ([0.0, *randoms[0].std_error_pct] if len(randoms) == 1 else means.std(axis=0, ddof=1))
+            rand.errorbar(ks, means.mean(axis=0), yerr=std, marker=".", capsize=3,
+                          label=label + (f" ({len(randoms)} seeds)" if len(randoms) > 1 else ""), **style)
     single.set_xlabel("index of the deleted block (depth order)")
     single.set_ylabel("test error (%)")
     single.set_title("one block deleted")
@@ -236,7 +273,7 @@ def plot_error_vs_depth(table: list[dict], path: PathLike, title: str = "Final e
     error bars of one standard deviation over seeds."""
     fig, axes = _figure(ncols=2, width=5.5, height=4.2)
     depths = sorted({t["depth"] for t in table})
-    for ax, (key, label) in zip(axes, (("final_train_error", "training error"), ("test_error", "test error"))):
+    for ax, (key, label) in zip(axes, (("train_error", "training error"), ("test_error", "test error"))):
         for i, (kind, name) in enumerate((("plain", "plain"), ("resnet", "ResNet"))):
             pts = sorted((t["depth"], 100 * t[key], 100 * t[key + "_std"]) for t in table if t["kind"] == kind)
             if pts:

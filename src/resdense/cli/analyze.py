@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,8 @@ def register(sub: Any) -> None:
 
 def _runs(args: argparse.Namespace) -> list[Path]:
     if args.study:
-        runs = sorted(p.parent for p in Path(args.study).glob("*/last/model.safetensors"))
+        # The run folders (not their `last` links): a run's name is its folder's.
+        runs = sorted(p.parent.parent for p in Path(args.study).glob("*/last/model.safetensors"))
         if not runs:
             raise ConfigError(f"{args.study} holds no trained runs; run `resdense study degradation --out {args.study}` first")
         return runs
@@ -52,10 +54,26 @@ def _label(meta: dict[str, Any], run: Path) -> str:
     return f"{meta['model'].replace('cifar_', '')}{depth if depth else ''}" if depth else run.name
 
 
-def _labels(loaded: list[tuple[Path, Any, dict[str, Any]]]) -> list[str]:
-    """A name per run ('plain20'); the run folders' names where two runs would share one (seeds)."""
-    names = [_label(meta, run) for run, _, meta in loaded]
-    return names if len(set(names)) == len(names) else [run.name for run, _, _ in loaded]
+def _groups(loaded: list[tuple[Path, Any, dict[str, Any]]]) -> dict[str, list[tuple[Path, Any, dict[str, Any]]]]:
+    """Runs by net ('plain20'): the seeds of one net are aggregated, not drawn as separate nets."""
+    groups: dict[str, list[tuple[Path, Any, dict[str, Any]]]] = {}
+    for run, model, meta in loaded:
+        groups.setdefault(_label(meta, run), []).append((run, model, meta))
+    return groups
+
+
+def _spread(values: list[float], fmt: str) -> str:
+    """'' for one run; ' (3 seeds: 1.2e3-2.4e3)' for several."""
+    if len(values) < 2:
+        return ""
+    return f" ({len(values)} seeds: {format(min(values), fmt)}–{format(max(values), fmt)})"
+
+
+def _to_json(group: list[tuple[Path, Any]]) -> Any:
+    """One run: its report; several seeds: every run's report by folder name."""
+    if len(group) == 1:
+        return group[0][1].to_dict()
+    return {"runs": {run.name: r.to_dict() for run, r in group}, "seeds": len(group)}
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
@@ -70,52 +88,69 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
     runs = _runs(args)
     loaded = [(run, *load_for_inference(run, prefer="last")) for run in runs]
-    names = _labels(loaded)
-    dense = [(r, m, meta, n) for (r, m, meta), n in zip(loaded, names) if isinstance(m, DenseNet)]
+    groups = _groups(loaded)
+    dense = [(name, members) for name, members in groups.items() if isinstance(members[0][1], DenseNet)]
     if args.analysis == "reuse" and not dense:
         raise ConfigError("reuse needs a trained DenseNet, e.g. `resdense train --model densenet_bc100_k12 ...`")
     # Only now, after the runs are known to load: a mistyped run folder must not be created.
     out = Path(args.out) if args.out else (Path(args.study) / "analysis" if args.study else runs[0] / "analysis")
     out.mkdir(parents=True, exist_ok=True)
-    reports: dict[str, Any] = {}
+    results: dict[str, list[tuple[Path, Any]]] = {}  # report key -> (run, report) per seed
     depths: dict[str, int] = {}  # report key -> depth of its net: plain and residual twins share a figure
     if args.analysis == "reuse":
-        for run, model, meta, name in dense:
-            report = feature_reuse(model)
-            png = plots.plot_reuse(report, out / f"reuse_{name}.png", title=f"Feature reuse in {name} (DenseNet Fig. 5)")
-            reports[name] = report.to_dict()
-            print(f"{name}: {len(report.blocks)} dense blocks; heatmap {png}")
+        for name, members in dense:
+            for run, model, meta in members:
+                key = name if len(members) == 1 else f"{name} {run.name}"
+                report = feature_reuse(model)
+                png = plots.plot_reuse(report, out / f"reuse_{key.replace(' ', '_')}.png",
+                                       title=f"Feature reuse in {key} (DenseNet Fig. 5)")
+                results[key] = [(run, report)]
+                print(f"{key}: {len(report.blocks)} dense blocks; heatmap {png}")
     else:
-        for (run, model, meta), name in zip(loaded, names):
-            depth = meta.get("model_kwargs", {}).get("depth") or model_depth(model)
+        for name, members in groups.items():
+            depth = members[0][2].get("model_kwargs", {}).get("depth") or model_depth(members[0][1])
+            for run, model, meta in members:
+                if args.analysis == "gradients":
+                    batches = _batches(meta, "val", args.batches, args.batch_size, args.data_dir)
+                    torch.manual_seed(meta.get("config", {}).get("seed", 0))
+                    fresh = build_model_from_meta(meta)  # the same net at initialisation
+                    for stage, net in (("init", fresh), ("trained", model)):
+                        results.setdefault(f"{name} ({stage})", []).append(
+                            (run, gradient_norms(net, batches, max_batches=args.batches)))
+                        depths[f"{name} ({stage})"] = depth
+                elif args.analysis == "responses":
+                    results.setdefault(name, []).append((run, layer_responses(
+                        model, _batches(meta, "val", args.batches, args.batch_size, args.data_dir), max_batches=args.batches)))
+                    depths[name] = depth
+                else:
+                    results.setdefault(name, []).append(
+                        (run, lesion_study(model, _batches(meta, "test", args.batches, args.batch_size, args.data_dir))))
+                    depths[name] = depth
+        for key, group in results.items():
+            rs = [r for _, r in group]
             if args.analysis == "gradients":
-                batches = _batches(meta, "val", args.batches, args.batch_size, args.data_dir)
-                torch.manual_seed(meta.get("config", {}).get("seed", 0))
-                fresh = build_model_from_meta(meta)  # the same net at initialisation
-                for stage, net in (("init", fresh), ("trained", model)):
-                    r = gradient_norms(net, batches, max_batches=args.batches)
-                    reports[f"{name} ({stage})"] = r
-                    depths[f"{name} ({stage})"] = depth
-                    print(f"{name:>12} {stage:>7}: first/last conv gradient-norm ratio {r.ratio_first_last:.3g}")
+                name, stage = key.rsplit(" (", 1)
+                ratios = [r.ratio_first_last for r in rs]
+                print(f"{name:>12} {stage[:-1]:>7}: first/last conv gradient-norm ratio "
+                      f"{plots.geometric_mean(ratios):.3g}{_spread(ratios, '.3g')}")
             elif args.analysis == "responses":
-                r = layer_responses(model, _batches(meta, "val", args.batches, args.batch_size, args.data_dir),
-                                    max_batches=args.batches)
-                reports[name], depths[name] = r, depth
-                print(f"{name:>12}: {len(r.stds)} layers, response std mean {sum(r.stds) / len(r.stds):.3f}, "
-                      f"max {max(r.stds):.3f}")
+                means = [sum(r.stds) / len(r.stds) for r in rs]
+                print(f"{key:>12}: {len(rs[0].stds)} layers, response std mean {sum(means) / len(means):.3f}"
+                      f"{_spread(means, '.3f')}, max {max(max(r.stds) for r in rs):.3f}")
             else:
-                r = lesion_study(model, _batches(meta, "test", args.batches, args.batch_size, args.data_dir))
-                reports[name], depths[name] = r, depth
-                worst = max(r.blocks, key=lambda b: b.error_pct if b.error_pct is not None else -1, default=None)
-                print(f"{name:>12}: baseline {r.baseline_error_pct:.2f}% error; {r.removable_count}/{len(r.blocks)} "
-                      f"blocks removable" + (f"; worst single lesion {worst.name} {worst.error_pct:.2f}%" if worst and worst.error_pct is not None else ""))
+                base = [r.baseline_error_pct for r in rs]
+                worst = [max((b.error_pct for b in r.blocks if b.error_pct is not None), default=math.nan) for r in rs]
+                print(f"{key:>12}: baseline {sum(base) / len(base):.2f}% error{_spread(base, '.2f')}; "
+                      f"{rs[0].removable_count}/{len(rs[0].blocks)} blocks removable; worst single lesion "
+                      f"{sum(worst) / len(worst):.2f}%{_spread(worst, '.2f')}")
         figure = {"gradients": plots.plot_gradient_norms, "responses": plots.plot_layer_responses,
                   "lesion": plots.plot_lesion}[args.analysis]
-        for group, members in _by_depth(reports, depths).items():
-            png = figure(members, out / f"{args.analysis}{group}.png")
+        reports = {key: [r for _, r in group] for key, group in results.items()}
+        for suffix, members in _by_depth(reports, depths).items():
+            png = figure(members, out / f"{args.analysis}{suffix}.png")
             print(f"figure: {png}")
-        reports = {k: v.to_dict() for k, v in reports.items()}
-    (out / f"{args.analysis}.json").write_text(json.dumps(reports, indent=2, default=str))
+    (out / f"{args.analysis}.json").write_text(json.dumps({k: _to_json(g) for k, g in results.items()}, indent=2,
+                                                          default=str))
     print(f"results: {out / (args.analysis + '.json')}")
     return 0
 

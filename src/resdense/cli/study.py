@@ -1,4 +1,4 @@
-"""``resdense study degradation`` and ``resdense report``."""
+"""``resdense study NAME|list`` and ``resdense report``."""
 
 from __future__ import annotations
 
@@ -8,52 +8,82 @@ from typing import Any
 from ._util import int_list, parse_overrides
 
 
+def _option_type(default: Any) -> Any:
+    if isinstance(default, list):
+        return int_list
+    return type(default)
+
+
 def register(sub: Any) -> None:
-    p = sub.add_parser("study", help="the papers' experiments (degradation)")
+    from ..studies import STUDIES
+
+    p = sub.add_parser("study", help="the papers' claims as experiments: `resdense study list` names them")
     studies = p.add_subparsers(dest="study", metavar="STUDY", parser_class=type(p))
     studies.required = True
-    d = studies.add_parser("degradation", help="plain vs residual nets across depth (ResNet paper, Fig. 6)")
-    d.add_argument("--data", default="fashion-mnist")
-    d.add_argument("--data-dir")
-    d.add_argument("--depths", type=int_list, default=[20, 56], help="CIFAR-style depths 6n+2, e.g. 20,56")
-    d.add_argument("--seeds", type=int_list, default=[0], help="e.g. 0,1,2 for mean ± std")
-    d.add_argument("--preset", choices=("quick", "paper"), default="quick")
-    d.add_argument("--shortcut", choices=("A", "B"), default="A", help="the residual nets' shortcut option")
-    d.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a training setting of every run")
-    d.add_argument("--out", required=True, metavar="STUDY_DIR")
-    d.set_defaults(func=cmd_degradation)
+    studies.add_parser("list", help="the studies, their presets and claims").set_defaults(func=cmd_list)
+    for spec in STUDIES.values():
+        s = studies.add_parser(spec.name, help=spec.summary)
+        s.add_argument("--data", default="fashion-mnist")
+        s.add_argument("--data-dir")
+        s.add_argument("--seeds", type=int_list, default=[0, 1, 2],
+                       help="seeds of every run (default 0,1,2): claims are decided over them")
+        s.add_argument("--preset", choices=list(spec.presets), default="quick")
+        for name, default in spec.default_options.items():
+            s.add_argument(f"--{name}", type=_option_type(default), default=default,
+                           help=f"default {','.join(map(str, default)) if isinstance(default, list) else default}")
+        s.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a training setting of every run")
+        s.add_argument("--jobs", type=int, default=1, metavar="N",
+                       help="train N runs at once (CPU threads divided among them; one run per GPU where there are several)")
+        s.add_argument("--out", required=True, metavar="STUDY_DIR")
+        s.set_defaults(func=cmd_study, spec=spec.name)
 
     p = sub.add_parser("report", help="(re)draw a study's figures and report from its result files")
     p.add_argument("study_dir")
     p.set_defaults(func=cmd_report)
 
 
-def cmd_degradation(args: argparse.Namespace) -> int:
-    from ..models.resnet import resnet_cifar
-    from ..studies import StudyConfig, build_report, run_study
+def cmd_list(args: argparse.Namespace) -> int:
+    from ..studies import STUDIES, StudyConfig
 
-    for depth in args.depths:  # a bad depth fails before anything trains
-        resnet_cifar(depth)
-    study = StudyConfig(data=args.data, depths=args.depths, seeds=args.seeds, preset=args.preset,
-                        shortcut=args.shortcut, out=args.out, data_dir=args.data_dir,
-                        overrides=parse_overrides(args.set))
-    run_study(study)
-    result = build_report(args.out)
-    _print_summary(result, args.out)
+    for spec in STUDIES.values():
+        print(f"{spec.name}: {spec.summary}")
+        print(f"  presets: {', '.join(spec.presets)}")
+        for claim in spec.claims(StudyConfig(study=spec.name, options=dict(spec.default_options))):
+            print(f"  claim: {claim.text} [{claim.contrast} {'> 0' if claim.sign > 0 else '< 0'}]")
+    return 0
+
+
+def cmd_study(args: argparse.Namespace) -> int:
+    from ..studies import StudyConfig, get_study, run_study
+
+    spec = get_study(args.spec)
+    options = {name: getattr(args, name) for name in spec.default_options}
+    study = StudyConfig(study=spec.name, data=args.data, data_dir=args.data_dir, seeds=args.seeds, preset=args.preset,
+                        out=args.out, options=options, overrides=parse_overrides(args.set))
+    result = run_study(study, jobs=args.jobs)
+    if result["report"] is not None:
+        _print_summary(result["report"], args.out)
     return 0
 
 
 def cmd_report(args: argparse.Namespace) -> int:
     from ..studies import build_report
 
-    result = build_report(args.study_dir)
-    _print_summary(result, args.study_dir)
+    _print_summary(build_report(args.study_dir), args.study_dir)
     return 0
 
 
-def _print_summary(result: dict[str, Any], out: str) -> None:
-    for t in result["table"]:
-        print(f"{t['kind']:>6}-{t['depth']:<4} train error {100 * t['final_train_error']:6.2f}%  "
-              f"val {100 * t['final_val_error']:6.2f}%  test {100 * t['test_error']:6.2f}%  ({t['seeds']} seed(s))")
-    print(result["verdict"]["text"])
+def _print_summary(report: dict[str, Any], out: str) -> None:
+    from ..studies.report import DECISION_WORDS
+
+    print(f"{'group':<14} seeds  train error % (eval)   test error %")
+    for t in report["table"]:
+        def cell(key: str) -> str:
+            return "–" if t[key] is None else f"{100 * t[key]:6.2f} ± {100 * t[key + '_std']:5.2f}"
+        print(f"{t['group']:<14} {t['seeds']:>5}  {cell('train_error'):>20}  {cell('test_error'):>15}")
+    for v in report["verdicts"]:
+        print(("" if v.headline else "(reported) ") + f"{v.text}: {DECISION_WORDS[v.decision].upper()}")
+        print(f"    {v.contrast} = " + ("no data" if v.difference is None else
+              f"{v.difference:+.2f}" + ("" if v.stderr is None else f" ± {v.stderr:.2f}") + f" points ({v.n_seeds} seeds)")
+              + f"; {v.reason}")
     print(f"report: {out}/report.html and {out}/report.md")

@@ -1,6 +1,12 @@
-"""Study runners: each produces one JSON row per run, and a report drawn from those rows."""
+"""Studies: the papers' claims as runs, result rows, decided claims and reports.
 
-from .degradation import PRESETS, StudyConfig, run_study
-from .report import build_report
+A study is a spec (:class:`StudySpec`: its runs, claims and figures) registered by name;
+importing this package registers every spec.
+"""
 
-__all__ = ["PRESETS", "StudyConfig", "build_report", "run_study"]
+from . import degradation  # noqa: F401 - registers the spec
+from .engine import run_study
+from .report import build_report, load_study
+from .spec import STUDIES, StudyConfig, StudySpec, get_study
+
+__all__ = ["STUDIES", "StudyConfig", "StudySpec", "build_report", "get_study", "load_study", "run_study"]

@@ -1,73 +1,212 @@
-"""The study report: figures, the table of final errors and the verdict, drawn from the result
-files alone (``resdense report STUDY_DIR`` redraws it without training)."""
+"""A study's results and report, drawn from its run folders and result files alone
+(``resdense report STUDY_DIR`` redraws it without training).
+
+``results.jsonl``: one row per finished run. ``table.json``: mean ± std per group and one
+verdict object per claim (``{claim, difference, stderr, n_seeds, decision, ...}``), also copied
+into ``study.json``. ``report.md`` and ``report.html`` (figures embedded) say the same in words.
+"""
 
 from __future__ import annotations
 
 import base64
 import html
 import json
+import statistics
 from pathlib import Path
 from typing import Any
 
 from .._io import atomic_write_text
-from .degradation import final_table, load_rows, verdict
+from ..errors import ConfigError
+from .spec import METRICS, StudyConfig, StudySpec, get_study
+from .stats import CONFIDENCE, Verdict, decide_all, summary_line
+
+DECISION_WORDS = {"reproduced": "reproduced", "not_reproduced": "NOT reproduced", "inconclusive": "inconclusive"}
 
 
-def _pct(mean: float, std: float, seeds: int) -> str:
+def load_study(out: str | Path) -> tuple[StudySpec, StudyConfig]:
+    path = Path(out) / "study.json"
+    if not path.is_file():
+        raise ConfigError(f"{path} not found: {out} is not a study folder (run `resdense study NAME --out {out}` first)")
+    try:
+        doc = json.loads(path.read_text())
+        cfg = doc["config"] if "config" in doc else doc
+        study = StudyConfig(**{k: v for k, v in cfg.items() if k in StudyConfig.__dataclass_fields__})
+    except (ValueError, TypeError, KeyError) as e:
+        raise ConfigError(f"{path} is not a resdense study file ({type(e).__name__}); was it edited by hand?") from None
+    if "depths" in cfg and not study.options:  # a study.json of resdense 0.1
+        study.options = {"depths": cfg["depths"], "shortcut": cfg.get("shortcut", "A")}
+    study.out = str(out)
+    return get_study(study.study), study
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+
+
+def collect_rows(spec: StudySpec, study: StudyConfig) -> list[dict[str, Any]]:
+    """One row per finished run of the study (its runs as the spec names them; other folders in
+    the study directory, e.g. an extra DenseNet for ``analyze reuse``, are not rows). A run whose
+    folder is gone keeps its row from ``results.jsonl``: a report can be redrawn from the result
+    files alone."""
+    saved = {r["run"]: r for r in _read_jsonl(Path(study.out) / "results.jsonl") if "run" in r}
+    rows = []
+    for run in spec.runs(study):
+        run_dir = Path(study.out) / run.name
+        if not (run_dir / "summary.json").is_file():
+            if run.name in saved:
+                rows.append(saved[run.name])
+            continue
+        summary = json.loads((run_dir / "summary.json").read_text())
+        metrics = _read_jsonl(run_dir / "metrics.jsonl")
+        rows.append({
+            "run": run.name, "group": run.group, "seed": run.seed, **run.labels,
+            # The claims' metric: the final model on its training images (eval mode). Runs of
+            # resdense 0.1 lack it and fall back to the running error, which the row says.
+            "train_error": summary.get("train_error_eval", summary["final_train_error"]),
+            "train_error_kind": "eval" if "train_error_eval" in summary else "running",
+            "running_train_error": summary["final_train_error"], "val_error": summary["final_val_error"],
+            "test_error": summary["test_error_last"], "test_error_best": summary.get("test_error_best"),
+            "test_images": summary.get("test_images"), "wall_time": summary["wall_time"],
+            "images_per_s": summary.get("images_per_s"), "steps": summary.get("steps"),
+            "curve": _read_jsonl(run_dir / "curve.jsonl"),
+            "epochs": [{k: m[k] for k in ("step", "train_error", "val_error")} for m in metrics],
+            "config": summary["config"],
+        })
+    return rows
+
+
+def group_table(spec: StudySpec, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Mean ± std over seeds of every metric, per group."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault(r["group"], []).append(r)
+    table = []
+    for group, rs in groups.items():
+        entry = {"group": group, **{k: rs[0][k] for k in spec.label_columns}, "seeds": len(rs),
+                 "wall_time": statistics.fmean(r["wall_time"] for r in rs)}
+        for key in METRICS:
+            values = [r[key] for r in rs if r.get(key) is not None]
+            entry[key] = statistics.fmean(values) if values else None
+            entry[key + "_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+        table.append(entry)
+    return sorted(table, key=spec.group_order)
+
+
+def verdicts(spec: StudySpec, study: StudyConfig, rows: list[dict[str, Any]]) -> list[Verdict]:
+    values: dict[str, dict[str, dict[int, float]]] = {}
+    for r in rows:
+        for key in METRICS:
+            if r.get(key) is not None:
+                values.setdefault(key, {}).setdefault(r["group"], {})[r["seed"]] = r[key]
+    return decide_all(spec.claims(study), values)
+
+
+def verdict_text(vs: list[Verdict]) -> str:
+    """The study's verdict in one paragraph: each claim's decision and effect."""
+    parts = []
+    for v in vs:
+        effect = (f"{v.contrast} = {v.difference:+.2f} ± {v.stderr:.2f} points, {v.n_seeds} seeds"
+                  if v.difference is not None and v.stderr is not None else
+                  f"{v.contrast} = {v.difference:+.2f} points, one seed" if v.difference is not None else "no data")
+        parts.append(f"{v.text}: {DECISION_WORDS[v.decision]} ({effect}).")
+    return " ".join(parts)
+
+
+def _pct(mean: Any, std: float, seeds: int) -> str:
+    if mean is None:
+        return "–"
     return f"{100 * mean:.2f} ± {100 * std:.2f}" if seeds > 1 else f"{100 * mean:.2f}"
 
 
+def _table_rows(spec: StudySpec, table: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
+    header = [*spec.label_columns, "seeds", "train error % (eval)", "running train error %", "val error %",
+              "test error %", "wall s / run"]
+    body = [[str(t[c]) for c in spec.label_columns] + [str(t["seeds"])]
+            + [_pct(t[k], t[k + "_std"], t["seeds"]) for k in METRICS] + [f"{t['wall_time']:.0f}"] for t in table]
+    return header, body
+
+
+def _verdict_rows(vs: list[Verdict]) -> tuple[list[str], list[list[str]]]:
+    header = ["claim", "difference (points)", "± stderr", f"{int(CONFIDENCE * 100)}% interval", "seeds", "decision"]
+    body = []
+    for v in vs:
+        body.append([f"{v.text} [{v.contrast} {v.predicted}]" + ("" if v.headline else " (reported, not in the verdict)"),
+                     "–" if v.difference is None else f"{v.difference:+.2f}",
+                     "–" if v.stderr is None else f"{v.stderr:.2f}",
+                     "–" if v.ci_low is None else f"[{v.ci_low:+.2f}, {v.ci_high:+.2f}]",
+                     str(v.n_seeds), DECISION_WORDS[v.decision]])
+    return header, body
+
+
+def _md_table(header: list[str], body: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header), *("| " + " | ".join(r) + " |" for r in body)]
+
+
+def _html_table(header: list[str], body: list[list[str]], cls: str) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    rows = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in body)
+    return f"<table class='{cls}'><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>"
+
+
+RULE = ("Decision rule: each claim is a difference of group means of the final training error (eval mode, "
+        "training images), in points of percent. Runs of one seed share their data, so the difference is taken "
+        "per seed; its standard error is the between-seed standard deviation over √seeds, and the 95% Student-t "
+        "interval decides: *reproduced* when it excludes 0 on the predicted side, *not reproduced* when it "
+        "excludes 0 on the other side, *inconclusive* when it contains 0. One seed is always inconclusive.")
+
+
+def _setup(spec: StudySpec, study: StudyConfig, rows: list[dict[str, Any]]) -> str:
+    cfg = rows[0]["config"] if rows else {}
+    length = f"{cfg.get('epochs')} epochs" if cfg.get("epochs") else f"{cfg.get('iterations')} iterations"
+    precision = sorted({r["config"].get("precision", "auto") for r in rows})
+    note = spec.setup_note.format(**{**spec.default_options, **study.options}) if spec.setup_note else ""
+    test = rows[0].get("test_images") if rows else None
+    return (f"{study.data} ({cfg.get('train_subset') or 'all'} training images), preset {study.preset} "
+            f"(recipe {cfg.get('recipe')}, {length}, batch {cfg.get('batch_size')}, lr {cfg.get('lr')} "
+            f"{cfg.get('schedule')}), seeds {', '.join(map(str, sorted({r['seed'] for r in rows})))}, "
+            f"precision {'/'.join(precision)}" + (f", test error on {test} test images" if test else "")
+            + (f"; {note}" if note else ""))
+
+
 def build_report(study_dir: str | Path) -> dict[str, Any]:
-    """(Re)draw every figure and write report.md, report.html and table.json into ``study_dir``."""
-    from .. import plots
-
+    """(Re)draw every figure and write results.jsonl, table.json, report.md and report.html."""
     out = Path(study_dir)
-    rows = load_rows(out)
-    table = final_table(rows)
-    judged = verdict(table)
-    figures = [("curves.png", "Training error (thin, dashed) and validation error (bold) vs iterations; "
-                              "plain nets left, residual nets right (after He et al. 2015, Fig. 6).")]
-    plots.plot_degradation_curves(rows, out / "curves.png")
-    if len({t["depth"] for t in table}) > 1:
-        plots.plot_error_vs_depth(table, out / "error_vs_depth.png")
-        figures.append(("error_vs_depth.png", "Final training and test error vs depth (mean ± std over seeds)."))
-    atomic_write_text(out / "table.json", json.dumps({"table": table, "verdict": judged}, indent=2))
+    spec, study = load_study(out)
+    rows = collect_rows(spec, study)
+    if not rows:
+        raise ConfigError(f"{out} holds no finished runs yet; run `resdense study {spec.name} --out {out}`")
+    atomic_write_text(out / "results.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    table = group_table(spec, rows)
+    vs = verdicts(spec, study, rows)
+    figures = spec.figures(rows, table, out)
+    text = verdict_text([v for v in vs if v.headline])
+    doc = {"study": spec.name, "table": table, "verdicts": [v.to_dict() for v in vs], "verdict_text": text}
+    atomic_write_text(out / "table.json", json.dumps(doc, indent=2))
+    study_doc = json.loads((out / "study.json").read_text())
+    study_doc["verdicts"] = doc["verdicts"]
+    atomic_write_text(out / "study.json", json.dumps(study_doc, indent=2))
 
-    header = "| net | depth | seeds | train error % | val error % | test error % |"
-    lines = [header, "|---|---|---|---|---|---|"]
-    for t in table:
-        lines.append(f"| {t['kind']} | {t['depth']} | {t['seeds']} | {_pct(t['final_train_error'], t['final_train_error_std'], t['seeds'])} "
-                     f"| {_pct(t['final_val_error'], t['final_val_error_std'], t['seeds'])} "
-                     f"| {_pct(t['test_error'], t['test_error_std'], t['seeds'])} |")
-    # A residual run's config: only those carry the shortcut option (the plain twins have none).
-    cfg = next((r["config"] for r in rows if r["kind"] == "resnet"), rows[0]["config"] if rows else {})
-    setup = (f"{cfg.get('data')} ({cfg.get('train_subset') or 'all'} training images), recipe {cfg.get('recipe')}, "
-             f"{cfg.get('epochs') or cfg.get('iterations')} {'epochs' if cfg.get('epochs') else 'iterations'}, "
-             f"batch {cfg.get('batch_size')}, lr {cfg.get('lr')} ({cfg.get('schedule')}), shortcut "
-             f"{cfg.get('model_kwargs', {}).get('shortcut', 'A')} for the residual nets")
-    md = ["# Degradation study: plain vs residual networks", "",
-          f"**Verdict.** {judged['text']}", "", f"Setup: {setup}. Training error is the running error of the "
-          "last epoch (with augmentation); test error is measured once, after training.", "", *lines, ""]
+    setup = _setup(spec, study, rows)
+    th, tb = _table_rows(spec, table)
+    vh, vb = _verdict_rows(vs)
+    md = [f"# {spec.title}", "", f"**Verdict.** {text}", "", *_md_table(vh, vb), "", RULE, "", f"Setup: {setup}.", "",
+          *_md_table(th, tb), ""]
     for name, caption in figures:
         md += [f"![{caption}]({name})", "", f"*{caption}*", ""]
-    md.append("Regenerate with `resdense report " + str(out) + "`.")
+    md.append(f"Regenerate with `resdense report {out}`.")
     atomic_write_text(out / "report.md", "\n".join(md) + "\n")
 
-    body = ["<h1>Degradation study: plain vs residual networks</h1>",
-            f"<p><strong>Verdict.</strong> {html.escape(judged['text'])}</p>",
-            f"<p>Setup: {html.escape(setup)}.</p>", "<table border='1' cellpadding='4'>",
-            "<tr><th>net</th><th>depth</th><th>seeds</th><th>train error %</th><th>val error %</th><th>test error %</th></tr>"]
-    for t in table:
-        cells = [t["kind"], t["depth"], t["seeds"], _pct(t["final_train_error"], t["final_train_error_std"], t["seeds"]),
-                 _pct(t["final_val_error"], t["final_val_error_std"], t["seeds"]),
-                 _pct(t["test_error"], t["test_error_std"], t["seeds"])]
-        body.append("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in cells) + "</tr>")
-    body.append("</table>")
+    body = [f"<h1>{html.escape(spec.title)}</h1>", f"<p id='verdict'><strong>Verdict.</strong> {html.escape(text)}</p>",
+            _html_table(vh, vb, "verdicts"), f"<p>{html.escape(RULE)}</p>", f"<p>Setup: {html.escape(setup)}.</p>",
+            _html_table(th, tb, "groups")]
     for name, caption in figures:
         data = base64.b64encode((out / name).read_bytes()).decode()
-        body.append(f"<figure><img src='data:image/png;base64,{data}' style='max-width:100%'>"
+        body.append(f"<figure><img src='data:image/png;base64,{data}' alt='{html.escape(name)}' style='max-width:100%'>"
                     f"<figcaption>{html.escape(caption)}</figcaption></figure>")
-    page = ("<!doctype html><html><head><meta charset='utf-8'><title>resdense degradation study</title></head>"
-            "<body style='font-family:sans-serif;max-width:1100px;margin:auto'>" + "\n".join(body) + "</body></html>")
+    style = ("body{font-family:sans-serif;max-width:1100px;margin:auto}table{border-collapse:collapse;margin:1em 0}"
+             "td,th{border:1px solid #999;padding:4px 8px}")
+    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>resdense {spec.name} study</title>"
+            f"<style>{style}</style></head><body>" + "\n".join(body) + "</body></html>")
     atomic_write_text(out / "report.html", page)
-    return {"table": table, "verdict": judged, "figures": [str(out / n) for n, _ in figures]}
+    return {"study": spec.name, "table": table, "verdicts": vs, "verdict_text": text,
+            "lines": [summary_line(v) for v in vs], "figures": [str(out / n) for n, _ in figures]}

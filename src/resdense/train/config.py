@@ -70,6 +70,8 @@ class TrainConfig:
     out: Optional[str] = None
     eval_batch_size: int = 1000
     curve_every: int = 50                   # steps between points of the training curve (curve.jsonl)
+    eval_train: bool = False                # after training: eval-mode error on the training images
+    test_subset: Optional[int] = None       # final test on a fixed seeded subset of this many test images
     record_gradients: bool = False
     progress: bool = True
 
@@ -155,6 +157,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         (0 <= cfg.momentum < 1, f"momentum must be in [0, 1); got {cfg.momentum}"),
         (0 <= cfg.label_smoothing < 1, f"label_smoothing must be in [0, 1); got {cfg.label_smoothing}"),
         (cfg.train_subset is None or cfg.train_subset > 0, f"--train-subset must be positive; got {cfg.train_subset}"),
+        (cfg.test_subset is None or cfg.test_subset > 0, f"test_subset must be positive; got {cfg.test_subset}"),
         (cfg.pad >= 0 and 0 <= cfg.flip <= 1, "pad must be >= 0 and flip a probability"),
         (cfg.warmup >= 0, f"warmup must be >= 0; got {cfg.warmup}"),
         (cfg.threads is None or cfg.threads > 0, f"--threads must be positive; got {cfg.threads}"),

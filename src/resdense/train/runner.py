@@ -30,6 +30,7 @@ from ..data.loader import Augment, TensorLoader
 from ..errors import ConfigError, UserError
 from ..hardware import resolve_device, resolve_precision
 from ..models import create_model
+from ..runlock import LOCK_FILE, RunLock
 from . import checkpoint as ckpt
 from .config import TrainConfig, apply_overrides, validate
 from .engine import TrainState, evaluate, train_one_epoch
@@ -196,20 +197,30 @@ def _write_metrics(run_dir: Path, rows: list[dict[str, Any]]) -> None:
     atomic_write_text(run_dir / "metrics.csv", buf.getvalue())
 
 
-def prepare_run_dir(cfg: TrainConfig, resume: bool, overwrite: bool) -> Path:
+def _holds_a_run(run_dir: Path) -> bool:
+    return run_dir.is_dir() and any(p.name != LOCK_FILE for p in run_dir.iterdir())
+
+
+def prepare_run_dir(cfg: TrainConfig, resume: bool, overwrite: bool, lock: Optional[RunLock] = None) -> tuple[Path, RunLock]:
+    """Check ``--out`` against ``--resume``/``--overwrite`` and lock it for this process (a second
+    process in the same directory is refused with the first one's id). Returns the directory and
+    the held lock."""
     if cfg.out is None:
         raise ConfigError("--out RUN_DIR is required: where the run's checkpoints and metrics go")
-    run_dir = Path(cfg.out)
-    exists = run_dir.exists() and any(run_dir.iterdir())
-    if exists and not resume and not overwrite:
-        raise UserError(f"{run_dir} already holds a run; pass --resume to continue it or --overwrite to replace it")
     if resume and overwrite:
         raise ConfigError("--resume and --overwrite contradict each other; pick one")
-    if exists and overwrite and is_main_process():
-        shutil.rmtree(run_dir)
-    if is_main_process():
-        run_dir.mkdir(parents=True, exist_ok=True)
-    return run_dir
+    run_dir = Path(cfg.out)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"--out {run_dir} is a file, not a directory; choose another --out")
+    if _holds_a_run(run_dir) and not resume and not overwrite:
+        raise UserError(f"{run_dir} already holds a run; pass --resume to continue it or --overwrite to replace it")
+    lock = lock or RunLock(run_dir)
+    lock.acquire()
+    if overwrite and _holds_a_run(run_dir):
+        for path in run_dir.iterdir():
+            if path.name != LOCK_FILE:
+                shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+    return run_dir, lock
 
 
 def _same_setting(saved: Any, given: Any) -> bool:
@@ -241,19 +252,36 @@ def resolve_resume_config(cfg: TrainConfig, run_dir: Path, flag_overrides: dict[
 def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False,
           flag_overrides: Optional[dict[str, Any]] = None, rank: int = 0, world_size: int = 1,
           device: Optional[torch.device] = None,
-          epoch_callback: Optional[Callable[[RunContext, dict[str, Any]], None]] = None) -> dict[str, Any]:
-    """Run (or resume) one training run; returns its summary row (also written to summary.json)."""
-    # Rank 0 alone checks and prepares the run directory; the others wait for it (a rank that
-    # looked after rank 0 created it would take it for an existing run).
+          epoch_callback: Optional[Callable[[RunContext, dict[str, Any]], None]] = None,
+          lock: Optional[RunLock] = None) -> dict[str, Any]:
+    """Run (or resume) one training run; returns its summary row (also written to summary.json).
+
+    The run directory is locked for the whole run (``lock``: one the caller already holds, as a
+    study does; else taken here and released at the end)."""
+    if not resume:
+        validate(cfg)  # before anything is created on disk: a bad flag leaves no folder behind
+    # Rank 0 alone checks, locks and prepares the run directory; the others wait for it (a rank
+    # that looked after rank 0 created it would take it for an existing run).
+    own_lock = lock is None or not lock.held
     if is_main_process():
-        run_dir = prepare_run_dir(cfg, resume, overwrite)
+        run_dir, lock = prepare_run_dir(cfg, resume, overwrite, lock)
     else:
         run_dir = Path(cfg.out)
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
+    try:
+        if torch.distributed.is_initialized():
+            torch.distributed.barrier()
+        return _train_locked(cfg, run_dir, resume, flag_overrides, rank, world_size, device, epoch_callback)
+    finally:
+        if own_lock and lock is not None:
+            lock.release()
+
+
+def _train_locked(cfg: TrainConfig, run_dir: Path, resume: bool, flag_overrides: Optional[dict[str, Any]],
+                  rank: int, world_size: int, device: Optional[torch.device],
+                  epoch_callback: Optional[Callable[[RunContext, dict[str, Any]], None]]) -> dict[str, Any]:
     if resume:
         cfg = resolve_resume_config(cfg, run_dir, flag_overrides or {})
-    validate(cfg)
+        validate(cfg)
     ctx = build_context(cfg, rank, world_size, device)
     cfg = ctx.cfg
     state = TrainState(warmup_done=ctx.warmup_lr is None)
@@ -344,7 +372,20 @@ def final_evaluation(ctx: RunContext, run_dir: Path, history: list[dict[str, Any
                                "images_per_s": statistics.fmean(r["images_per_s"] for r in history) if history else 0.0,
                                "config": cfg.to_dict()}
     if is_main_process():
+        if cfg.eval_train:
+            # The papers' "training error": the final model in eval mode on its training images,
+            # unaugmented, after the last step (the running error above averages moving weights).
+            train_images = TensorLoader(ctx.train_loader.images, ctx.train_loader.labels, cfg.eval_batch_size,
+                                        mean=ctx.splits.mean, std=ctx.splits.std, device=ctx.device,
+                                        channels_last=cfg.channels_last)
+            res = evaluate(ctx.model, train_images, device=ctx.device, amp_dtype=ctx.amp_dtype)
+            summary["train_error_eval"], summary["train_loss_eval"] = res["error"], res["loss"]
         test = ctx.splits.load_test()
+        if cfg.test_subset is not None and cfg.test_subset < len(test.images):
+            # The same seeded subset for every run, whatever the run's own seed.
+            pick = torch.randperm(len(test.images), generator=torch.Generator().manual_seed(0))[:cfg.test_subset]
+            test = type(test)(test.images[pick], test.labels[pick])
+        summary["test_images"] = len(test.images)
         loader = TensorLoader(test.images, test.labels, cfg.eval_batch_size, mean=ctx.splits.mean,
                               std=ctx.splits.std, device=ctx.device, channels_last=cfg.channels_last)
         evals = {"last": ctx.model}

@@ -1,0 +1,281 @@
+"""Training a study's runs: locked, resumable, in parallel, and cooperating across processes.
+
+Every run is an ordinary resdense run directory inside the study folder. A process trains a run
+only while it holds the run's lock (:mod:`resdense.runlock`), so any number of processes of the
+same study command (``--jobs N`` on one machine, a Slurm job array, a loop over hosts sharing the
+folder) split the runs between them: finished runs are skipped, runs another process holds are
+left to it, and an interrupted run continues from its last checkpoint. The process that finds
+every run finished writes ``results.jsonl`` and the report.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+import time
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from .._io import atomic_write_text
+from ..errors import ConfigError
+from ..runlock import RunLock, owner
+from .spec import RunSpec, StudyConfig, StudySpec, get_study
+
+Log = Callable[[str], None]
+PROGRESS_EVERY_S = 30.0
+
+
+def finished(run_dir: Path) -> bool:
+    return (run_dir / "summary.json").is_file()
+
+
+def settings_changes(saved: dict[str, Any], study: StudyConfig) -> list[str]:
+    """'key: saved -> now' for every study setting that differs from the saved study.json."""
+    now = study.to_dict()
+    changes = []
+    for key in sorted(set(saved) | set(now)):
+        if key in ("out", "verdicts", "seeds"):  # more seeds extend a study; they change nothing saved
+            continue
+        if saved.get(key) != now.get(key):
+            changes.append(f"{key}: {saved.get(key)!r} -> {now.get(key)!r}")
+    return changes
+
+
+def write_study_file(out: Path, study: StudyConfig, log: Log) -> None:
+    """Save the study's settings; warn in one line when they differ from the saved ones."""
+    path = out / "study.json"
+    if path.is_file():
+        with contextlib.suppress(ValueError, OSError):
+            saved = json.loads(path.read_text()).get("config", {})
+            changes = settings_changes(saved, study)
+            if changes:
+                log(f"warning: {out} was started with other settings ({'; '.join(changes)}); runs finished "
+                    "with the old settings are kept, unfinished ones continue with theirs — use another --out "
+                    "to train everything with the new ones")
+                return  # the folder keeps describing what its runs were trained with
+    atomic_write_text(path, json.dumps({"study": study.study, "config": study.to_dict()}, indent=2))
+
+
+def _train_run(run: RunSpec, lock: RunLock, quiet: bool) -> None:
+    from ..train.runner import train
+
+    run_dir = Path(run.config.out)
+    # resume=True: an interrupted run continues from its last checkpoint, a new one starts.
+    if quiet:  # a worker of --jobs N: the run's own log goes beside it, the screen shows progress
+        with open(run_dir / "train.log", "a") as f, contextlib.redirect_stdout(f):
+            train(run.config, resume=True, lock=lock)
+    else:
+        train(run.config, resume=True, lock=lock)
+
+
+def work(runs: list[RunSpec], log: Log = print, quiet: bool = False, threads: Optional[int] = None,
+         device: Optional[str] = None) -> list[str]:
+    """Train every run of ``runs`` that is unfinished and not held by another process; return
+    the names of the runs this call trained."""
+    import dataclasses
+
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    trained = []
+    for run in runs:
+        run_dir = Path(run.config.out)
+        if finished(run_dir):
+            continue
+        lock = RunLock(run_dir)
+        if not lock.try_acquire():
+            continue  # another process trains it
+        try:
+            if finished(run_dir):  # finished between our look and our lock
+                continue
+            if threads or device:
+                run = dataclasses.replace(run, config=dataclasses.replace(
+                    run.config, **({"threads": threads} if threads else {}), **({"device": device} if device else {})))
+            log(f"{run.name}: {'resuming' if (run_dir / 'config.json').is_file() else 'training'} (pid {os.getpid()})")
+            _train_run(run, lock, quiet)
+            trained.append(run.name)
+        finally:
+            lock.release()
+    return trained
+
+
+def _worker(study_dict: dict[str, Any], index: int, threads: int, device: Optional[str]) -> list[str]:
+    """One process of ``--jobs N``: the same claim loop over the same runs, started at a different
+    place so the jobs take different runs first."""
+    study = StudyConfig(**study_dict)
+    runs = get_study(study.study).runs(study)
+    order = runs[index:] + runs[:index]
+    return work(order, log=lambda msg: None, quiet=True, threads=threads, device=device)
+
+
+class Progress:
+    """Runs done / running / waiting, time elapsed, and an estimate of the time left.
+
+    The estimate divides each run's work (its steps x batch x the model's multiply-adds) by the
+    rate measured on the finished runs (and the finished epochs of running ones), per process.
+    """
+
+    def __init__(self, runs: list[RunSpec], jobs: int) -> None:
+        self.runs, self.jobs = runs, max(jobs, 1)
+        self.start = time.perf_counter()
+        self._cost: dict[str, float] = {}
+
+    def _unit_cost(self, run: RunSpec) -> float:
+        key = json.dumps([run.config.model, run.config.model_kwargs], sort_keys=True, default=str)
+        if key not in self._cost:
+            from ..analysis.complexity import model_info
+
+            try:
+                self._cost[key] = float(model_info(run.config.model, **run.config.model_kwargs).macs)
+            except Exception:  # noqa: BLE001 - a cost estimate must never stop the study
+                self._cost[key] = 1.0
+        return self._cost[key]
+
+    @staticmethod
+    def _steps_done(run_dir: Path) -> tuple[int, float]:
+        path = run_dir / "metrics.jsonl"
+        if not path.is_file():
+            return 0, 0.0
+        lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
+        if not lines:
+            return 0, 0.0
+        last = json.loads(lines[-1])
+        return int(last["step"]), float(last["wall_time"])
+
+    def line(self) -> str:
+        done = running = waiting = 0
+        work_done = seconds = work_left = 0.0
+        for run in self.runs:
+            run_dir = Path(run.config.out)
+            unit = self._unit_cost(run) * run.config.batch_size
+            total_steps = _total_steps(run)
+            steps, wall = self._steps_done(run_dir)
+            if finished(run_dir):
+                done += 1
+                summary = json.loads((run_dir / "summary.json").read_text())
+                work_done += unit * summary.get("steps", total_steps)
+                seconds += summary.get("wall_time", wall)
+                continue
+            if owner(run_dir) is not None:
+                running += 1
+            else:
+                waiting += 1
+            work_done += unit * steps
+            seconds += wall
+            work_left += unit * max(total_steps - steps, 0)
+        elapsed = time.perf_counter() - self.start
+        eta = ""
+        if work_done > 0 and seconds > 0 and (running or waiting):
+            left = work_left / (work_done / seconds) / min(self.jobs, running + waiting)
+            eta = f", about {_clock(left)} left"
+        return (f"study: {done}/{len(self.runs)} runs done, {running} running, {waiting} waiting; "
+                f"{_clock(elapsed)} elapsed{eta}")
+
+
+def _total_steps(run: RunSpec) -> int:
+    cfg = run.config
+    if cfg.iterations is not None:
+        return cfg.iterations
+    images = cfg.train_subset or 50_000
+    return (cfg.epochs or 1) * max(images // cfg.batch_size, 1)
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+
+
+def _device_for(index: int) -> Optional[str]:
+    import torch
+
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return f"cuda:{index % count}" if count > 1 else None
+
+
+def run_study(study: StudyConfig, jobs: int = 1, log: Log = print) -> dict[str, Any]:
+    """Train (this process's share of) the study's runs; when every run is finished, write
+    ``results.jsonl`` and the report. Returns ``{"complete": bool, "trained": [...], "report": ...}``."""
+    from .report import build_report
+
+    spec = get_study(study.study)
+    if jobs < 1:
+        raise ConfigError(f"--jobs must be positive; got {jobs}")
+    runs = spec.runs(study)  # a bad preset or option fails here, before anything is written
+    check_models(runs)
+    out = Path(study.out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_study_file(out, study, log)
+    progress = Progress(runs, jobs)
+    log(f"{spec.name}: {len(runs)} runs in {out}, {jobs} at a time" + _skip_note(runs))
+    if jobs == 1:
+        trained = []
+        for run in runs:
+            if finished(Path(run.config.out)):
+                continue
+            log(progress.line())
+            trained += work([run], log=log)
+    else:
+        trained = _parallel(study, runs, jobs, progress, log)
+    log(progress.line())
+    unfinished = [r for r in runs if not finished(Path(r.config.out))]
+    if unfinished:
+        holders = sorted({str((owner(Path(r.config.out)) or {}).get("pid")) for r in unfinished})
+        log(f"{len(unfinished)} run(s) are still being trained by other processes (pid {', '.join(holders)}); "
+            "the last one to finish writes the report")
+        return {"complete": False, "trained": trained, "report": None}
+    lock = RunLock(out)  # held only while the report is written: one writer at a time
+    if not lock.try_acquire():
+        log("every run is finished; another process is writing the report")
+        return {"complete": True, "trained": trained, "report": None}
+    try:
+        report = build_report(out)
+    finally:
+        lock.release()
+    return {"complete": True, "trained": trained, "report": report}
+
+
+def check_models(runs: list[RunSpec]) -> None:
+    """Build each distinct model once (on the meta device: no memory, no time), so a bad depth
+    or model setting is refused in one line before anything is trained or written."""
+    import torch
+
+    from ..models import create_model
+
+    seen = set()
+    for run in runs:
+        key = json.dumps([run.config.model, run.config.model_kwargs], sort_keys=True, default=str)
+        if key not in seen:
+            seen.add(key)
+            with torch.device("meta"):
+                create_model(run.config.model, **run.config.model_kwargs)
+
+
+def _skip_note(runs: list[RunSpec]) -> str:
+    done = sum(finished(Path(r.config.out)) for r in runs)
+    return f" ({done} finished earlier, skipped)" if done else ""
+
+
+def _parallel(study: StudyConfig, runs: list[RunSpec], jobs: int, progress: Progress, log: Log) -> list[str]:
+    import torch
+
+    threads = max(1, torch.get_num_threads() // jobs)
+    trained: list[str] = []
+    # spawn: a fork of a process that has used OpenMP threads may deadlock.
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn")) as pool:
+        pending: set[Future] = {pool.submit(_worker, study.to_dict(), i, threads, _device_for(i)) for i in range(jobs)}
+        last = ""
+        while pending:
+            done, pending = wait(pending, timeout=PROGRESS_EVERY_S, return_when=FIRST_COMPLETED)
+            for fut in done:
+                trained += fut.result()  # a worker's UserError surfaces here, as one line
+            line = progress.line()
+            if line != last:
+                log(line)
+                sys.stdout.flush()
+                last = line
+    return trained

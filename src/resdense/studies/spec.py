@@ -1,0 +1,104 @@
+"""What a study is: its runs (model, settings, seed), the claims it tests, and its figures.
+
+A :class:`StudySpec` is data plus three functions of the :class:`StudyConfig`; the engine
+(:mod:`.engine`) trains the runs, and the report (:mod:`.report`) decides the claims from the
+runs' result rows. Specs register themselves in :data:`STUDIES` by name.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from ..errors import ConfigError
+from ..train.config import TrainConfig, apply_overrides
+from ..train.recipes import recipe
+from .stats import Claim
+
+# Row fields every result row carries (besides the spec's own labels, e.g. kind and depth).
+METRICS = ("train_error", "running_train_error", "val_error", "test_error")
+METRIC_NAMES = {"train_error": "training error (final model, eval mode, training images)",
+                "running_train_error": "running training error of the last epoch (augmented, weights moving)",
+                "val_error": "validation error (final model)", "test_error": "test error (final model)"}
+
+
+@dataclass
+class StudyConfig:
+    """One study's settings, saved as ``study.json`` in its folder.
+
+    ``options`` are the spec's own (degradation: ``depths``, ``shortcut``); ``overrides`` reach
+    every run's :class:`TrainConfig` (``--set key=value``).
+    """
+
+    study: str = "degradation"
+    data: str = "fashion-mnist"
+    data_dir: Optional[str] = None
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    preset: str = "quick"
+    out: str = "runs/study"
+    options: dict[str, Any] = field(default_factory=dict)
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One run of a study: its folder name, its group (the runs a claim averages over seeds),
+    its labels (columns of the result rows) and its full training configuration."""
+
+    name: str
+    group: str
+    seed: int
+    labels: dict[str, Any]
+    config: TrainConfig
+
+
+@dataclass(frozen=True)
+class StudySpec:
+    name: str
+    title: str
+    summary: str                                            # one line, for `resdense study list`
+    presets: dict[str, dict[str, Any]]                      # preset -> TrainConfig settings (+ "recipe")
+    runs: Callable[[StudyConfig], list[RunSpec]]
+    claims: Callable[[StudyConfig], list[Claim]]
+    figures: Callable[[list[dict[str, Any]], list[dict[str, Any]], Path], list[tuple[str, str]]]
+    group_order: Callable[[dict[str, Any]], Any]            # sort key of a table entry (its labels)
+    label_columns: tuple[str, ...] = ()                     # labels shown in the table
+    setup_note: str = ""                                    # what the report says about the setup
+    default_options: dict[str, Any] = field(default_factory=dict)
+
+
+STUDIES: dict[str, StudySpec] = {}
+
+
+def register_study(spec: StudySpec) -> StudySpec:
+    if spec.name in STUDIES:
+        raise ValueError(f"study {spec.name!r} is registered twice")
+    STUDIES[spec.name] = spec
+    return spec
+
+
+def get_study(name: str) -> StudySpec:
+    try:
+        return STUDIES[name]
+    except KeyError:
+        raise ConfigError(f"unknown study {name!r}; `resdense study list` names them: {', '.join(STUDIES)}") from None
+
+
+def run_config(study: StudyConfig, spec: StudySpec, name: str, model: str, model_kwargs: dict[str, Any],
+               seed: int, settings: Optional[dict[str, Any]] = None) -> TrainConfig:
+    """A run's TrainConfig: recipe < preset < the run's own settings < the user's ``--set``."""
+    if study.preset not in spec.presets:
+        raise ConfigError(f"unknown preset {study.preset!r} for study {spec.name}; choose one of {', '.join(spec.presets)}")
+    preset = dict(spec.presets[study.preset])
+    recipe_name = preset.pop("recipe")
+    values = {**recipe(recipe_name), **preset, **(settings or {}), **study.overrides}
+    # Model settings given with --set model_kwargs=... join the ones this run is about.
+    kwargs = {**values.get("model_kwargs", {}), **model_kwargs}
+    values.update({"recipe": recipe_name, "model": model, "model_kwargs": kwargs, "data": study.data,
+                   "data_dir": study.data_dir, "seed": seed, "progress": False, "eval_train": True,
+                   "out": str(Path(study.out) / name)})
+    return apply_overrides(TrainConfig(), values, f"study {spec.name}, preset {study.preset}")

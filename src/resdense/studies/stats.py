@@ -1,0 +1,185 @@
+"""Claims decided with their uncertainty over seeds.
+
+A claim is a contrast: a weighted sum of group means (``plain56 - plain20``, or a difference of
+differences), with the sign the article predicts. Its estimate comes with a standard error over
+seeds and a 95% Student-t interval, and the claim is decided three ways:
+
+* **reproduced** — the interval lies entirely on the predicted side of zero;
+* **not reproduced** — it lies entirely on the other side (the data contradict the claim);
+* **inconclusive** — it contains zero: the budget (seeds, steps) is too small to tell.
+
+Seeds pair the groups: the runs of one seed share the training subset, the data order and the
+augmentation stream, so where every group of a claim has the same seeds the contrast is computed
+per seed and its spread is the between-seed spread of that contrast (a paired design). Otherwise
+the groups are taken as independent (Welch's standard error and Welch-Satterthwaite degrees of
+freedom).
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import asdict, dataclass, field
+from typing import Any, Mapping, Optional, Sequence
+
+CONFIDENCE = 0.95
+DECISIONS = ("reproduced", "not_reproduced", "inconclusive")
+
+# Two-sided 95% quantiles of Student's t (t_{0.975, df}); between table rows the lower df is
+# used, which widens the interval (conservative).
+_T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
+         11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131, 16: 2.120, 17: 2.110, 18: 2.101, 19: 2.093,
+         20: 2.086, 22: 2.074, 24: 2.064, 26: 2.056, 28: 2.048, 30: 2.042, 40: 2.021, 60: 2.000, 120: 1.980}
+_Z975 = 1.960
+
+
+def t_quantile(df: float) -> float:
+    """t_{0.975, df} (df >= 1); the normal quantile beyond the table."""
+    if not df >= 1:
+        raise ValueError(f"degrees of freedom must be >= 1; got {df}")
+    if df > 120:
+        return _Z975
+    return _T975[max(k for k in _T975 if k <= df)]
+
+
+@dataclass(frozen=True)
+class Claim:
+    """``sum(weight * mean(metric of group))`` is predicted to be > 0 (``sign=+1``) or < 0 (``-1``).
+
+    ``terms`` maps a group name (e.g. ``"plain-56"``) to its weight. ``text`` is the article's
+    sentence; ``contrast`` writes the difference out (``"plain-56 − plain-20"``).
+    """
+
+    id: str
+    text: str
+    terms: tuple[tuple[str, float], ...]
+    sign: int = 1
+    metric: str = "train_error"
+    headline: bool = True  # part of the study's verdict (not just reported)
+    label: str = ""        # the contrast written out by hand, e.g. with brackets
+
+    @property
+    def contrast(self) -> str:
+        if self.label:
+            return self.label
+        parts = []
+        for i, (group, w) in enumerate(self.terms):
+            op = ("" if w > 0 else "−") if i == 0 else (" + " if w > 0 else " − ")
+            parts.append(f"{op}{'' if abs(w) == 1 else f'{abs(w):g}×'}{group}")
+        return "".join(parts)
+
+
+@dataclass
+class Verdict:
+    """A claim's estimate and decision (errors in points of percent where the metric is an error)."""
+
+    claim: str
+    text: str
+    contrast: str
+    metric: str
+    predicted: str          # "> 0" or "< 0"
+    difference: Optional[float]
+    stderr: Optional[float]
+    n_seeds: int
+    df: Optional[float]
+    ci_low: Optional[float]
+    ci_high: Optional[float]
+    method: str
+    decision: str
+    reason: str
+    headline: bool = True
+    per_seed: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _fmt(x: float) -> str:
+    return f"{x:+.2f}"
+
+
+def decide(claim: Claim, values: Mapping[str, Mapping[int, float]], scale: float = 100.0) -> Verdict:
+    """Decide ``claim`` from ``values[group][seed]`` (fractions; reported ×``scale``, i.e. points)."""
+    predicted = "> 0" if claim.sign > 0 else "< 0"
+    base = dict(claim=claim.id, text=claim.text, contrast=claim.contrast, metric=claim.metric,
+                predicted=predicted, headline=claim.headline)
+    missing = [g for g, _ in claim.terms if not values.get(g)]
+    if missing:
+        return Verdict(**base, difference=None, stderr=None, n_seeds=0, df=None, ci_low=None, ci_high=None,
+                       method="none", decision="inconclusive",
+                       reason=f"no finished runs of {', '.join(missing)} yet")
+    seed_sets = [set(values[g]) for g, _ in claim.terms]
+    common = set.intersection(*seed_sets)
+    paired = all(s == common for s in seed_sets) and len(common) >= 2
+    per_seed: dict[str, float] = {}
+    if paired:
+        seeds = sorted(common)
+        contrasts = [scale * sum(w * values[g][s] for g, w in claim.terms) for s in seeds]
+        per_seed = {str(s): c for s, c in zip(seeds, contrasts)}
+        n = len(seeds)
+        diff = statistics.fmean(contrasts)
+        se = statistics.stdev(contrasts) / math.sqrt(n)
+        df: Optional[float] = n - 1
+        method = f"paired by seed, t interval ({n - 1} df)"
+    else:
+        groups = {g: [scale * v for v in values[g].values()] for g, _ in claim.terms}
+        n = min(len(v) for v in groups.values())
+        diff = sum(w * statistics.fmean(groups[g]) for g, w in claim.terms)
+        if n < 2:
+            return Verdict(**base, difference=diff, stderr=None, n_seeds=n, df=None, ci_low=None, ci_high=None,
+                           method="one seed", decision="inconclusive",
+                           reason="one seed gives no uncertainty: run 3 or more seeds (--seeds 0,1,2)")
+        parts = [(w * w * statistics.variance(groups[g]) / len(groups[g]), len(groups[g])) for g, w in claim.terms]
+        var = sum(p for p, _ in parts)
+        se = math.sqrt(var)
+        denom = sum(p * p / (k - 1) for p, k in parts)
+        df = var * var / denom if denom > 0 else float(n - 1)
+        method = f"independent groups, Welch t interval ({df:.1f} df)"
+    if se == 0.0:
+        # Identical contrasts on every seed: no spread to measure, so no interval to trust.
+        return Verdict(**base, difference=diff, stderr=0.0, n_seeds=n, df=df, ci_low=diff, ci_high=diff,
+                       method=method, decision="inconclusive", per_seed=per_seed,
+                       reason="no spread between seeds (identical runs?): the uncertainty cannot be estimated")
+    half = t_quantile(df) * se
+    lo, hi = diff - half, diff + half
+    on_side = (lo > 0) if claim.sign > 0 else (hi < 0)
+    against = (hi < 0) if claim.sign > 0 else (lo > 0)
+    interval = f"95% interval [{_fmt(lo)}, {_fmt(hi)}]"
+    if on_side:
+        decision, reason = "reproduced", f"{interval} excludes 0 on the predicted side ({predicted})"
+    elif against:
+        decision, reason = "not_reproduced", f"{interval} excludes 0 on the other side: the data contradict {predicted}"
+    else:
+        decision, reason = "inconclusive", f"{interval} includes 0: {budget_hint(diff, se, n, paired)}"
+    return Verdict(**base, difference=diff, stderr=se, n_seeds=n, df=df, ci_low=lo, ci_high=hi, method=method,
+                   decision=decision, reason=reason, per_seed=per_seed)
+
+
+def budget_hint(diff: float, se: float, n: int, paired: bool) -> str:
+    """What budget would decide a contrast of this size and spread (the seeds it would take)."""
+    sd = se * math.sqrt(n)
+    if abs(diff) < 1e-9:
+        return "the difference is zero at this budget; a longer training budget (more steps, --preset paper) is needed"
+    need = n
+    while need < 1000:
+        need += 1
+        if t_quantile(need - 1) * sd / math.sqrt(need) < abs(diff):
+            break
+    if need >= 1000:
+        return "the difference is far inside the noise; a longer training budget (--preset paper) is needed"
+    return (f"at this spread about {need} seeds would decide a difference of {abs(diff):.2f} points, "
+            "or a longer training budget (more steps, --preset paper) may widen it")
+
+
+def decide_all(claims: Sequence[Claim], values_by_metric: Mapping[str, Mapping[str, Mapping[int, float]]]) -> list[Verdict]:
+    return [decide(c, values_by_metric.get(c.metric, {})) for c in claims]
+
+
+def summary_line(v: Verdict) -> str:
+    """'plain-56 − plain-20 = +18.70 ± 2.10 points (3 seeds): reproduced'."""
+    if v.difference is None:
+        return f"{v.contrast}: no data yet — {v.decision}"
+    unc = f" ± {v.stderr:.2f}" if v.stderr is not None else ""
+    word = {"reproduced": "REPRODUCED", "not_reproduced": "NOT REPRODUCED", "inconclusive": "INCONCLUSIVE"}[v.decision]
+    return (f"{v.contrast} = {v.difference:+.2f}{unc} points ({v.n_seeds} seed{'s' if v.n_seeds != 1 else ''}; "
+            f"predicted {v.predicted}): {word} — {v.reason}")
