@@ -9,6 +9,8 @@ import math
 import pytest
 import torch
 
+import resdense
+
 from resdense.bench import BENCHMARKS, BenchOptions, run_benchmarks
 from resdense.bench import memory, scaling
 from resdense.bench._common import format_table, with_threads
@@ -74,10 +76,24 @@ def test_inference_quick(tmp_path, precision):
     for r in rows:
         assert "error" not in r, r.get("error")
         assert r["rel_diff"] <= TOLERANCE[r["precision"]]
+        # achieved FLOP/s = 2 x MACs per image x images/s, over the peak of the row's precision
+        macs = resdense.model_info("resnet20", input_size=(3, 32, 32)).macs
+        assert r["achieved_gflops"] == pytest.approx(2 * macs * r["throughput_ips"] / 1e9)
+        assert r["share_of_peak"] == pytest.approx(r["achieved_gflops"] / r["peak_gflops"]) and r["share_of_peak"] > 0
         assert _finite(r["latency_ms"]) and r["latency_ms"] > 0 and r["throughput_ips"] > 0
     assert rows[0]["max_abs_diff"] == 0 and rows[0]["speedup_vs_eager"] == 1
     doc = json.loads((tmp_path / "inference.json").read_text())
     assert doc["rows"] == json.loads(json.dumps(rows))
+
+
+def test_peak_quick_measures_both_precisions(tmp_path):
+    rows = BENCHMARKS["peak"](BenchOptions(out_dir=tmp_path, **QUICK))
+    assert [r["dtype"] for r in rows] == ["fp32", "bfloat16"]
+    for r in rows:
+        assert r["tflops"] == pytest.approx(2 * r["n"] ** 3 / r["best_s"] / 1e12) and r["tflops"] > 0
+        assert r["calls"] >= 3
+    assert rows[0]["native"] is True and isinstance(rows[1]["native"], bool)
+    assert json.loads((tmp_path / "peak.json").read_text())["rows"] == json.loads(json.dumps(rows))
 
 
 def test_scaling_quick_writes_table_json_and_plot(tmp_path, monkeypatch, capsys):

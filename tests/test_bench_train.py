@@ -74,6 +74,7 @@ def test_training_quick_rows_and_profile(tmp_path, precision):
         assert _positive(r["images_per_s"]) and _positive(r["step_s"]) and _positive(r["first_step_s"])
         assert r["images_per_s"] == pytest.approx(r["batch"] / r["step_s"])
         assert r["speedup_vs_usual"] == pytest.approx(r["images_per_s"] / usual["images_per_s"])
+        assert r["share_of_peak"] > 0 and r["achieved_gflops"] == pytest.approx(r["share_of_peak"] * r["peak_gflops"])
     doc = json.loads((tmp_path / "training.json").read_text())
     assert doc["benchmark"] == "training" and doc["rows"] == json.loads(json.dumps(rows))
     prof = doc["profile"]

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 from typing import Callable
 
-from . import inference, memory, pipeline, scaling, training
+from . import inference, memory, peak, pipeline, scaling, training
 from ._common import BenchOptions, Row
 
 BenchFn = Callable[[BenchOptions], list[Row]]
 
 BENCHMARKS: dict[str, BenchFn] = {
+    "peak": peak.run,
     "memory": memory.run,
     "inference": inference.run,
     "scaling": scaling.run,

@@ -28,8 +28,10 @@ import torch
 import torch.nn as nn
 
 from ..export import export_model, inference_model, onnx_session
+from ..analysis.complexity import model_info
 from ..models import create_model
 from ..hardware import precision_name, resolve_device, resolve_precision
+from .peak import INFER_FLOPS_PER_MAC, add_share_of_peak, peaks
 from ._common import (BenchOptions, Row, format_table, median, perturb_bn_stats, say, time_calls,
                       with_threads, write_rows)
 
@@ -115,7 +117,9 @@ def _measure(case: InferenceCase, opts: BenchOptions, device: torch.device) -> l
 
 COLUMNS = [("model", "model", "s"), ("input", "input", "s"), ("variant", "variant", "s"), ("precision", "prec", "s"),
            ("latency_ms", "b1 ms", ".2f"), ("batch", "batch", "d"), ("throughput_ips", "img/s", ".1f"),
-           ("speedup_vs_eager", "x eager", ".2f"), ("max_abs_diff", "max |diff|", ".1e"), ("rel_diff", "rel", ".0e"), ("error", "error", "s")]
+           ("speedup_vs_eager", "x eager", ".2f"), ("achieved_gflops", "GFLOP/s", ".1f"),
+           ("share_of_peak", "of peak", ".1%"), ("max_abs_diff", "max |diff|", ".1e"), ("rel_diff", "rel", ".0e"),
+           ("error", "error", "s")]
 
 
 @with_threads
@@ -124,8 +128,14 @@ def run(opts: BenchOptions) -> list[Row]:
     device = resolve_device(opts.device)
     say(opts, f"== inference: eager vs resdense path vs onnxruntime, {device.type}, {torch.get_num_threads()} threads")
     rows: list[Row] = []
+    flops: dict[str, float] = {}
     for case in _cases(opts.quick):
         rows += _measure(case, opts, device)
+        flops[case.model] = INFER_FLOPS_PER_MAC * model_info(case.model, input_size=case.input_size).macs
+    peak = peaks(device, opts.quick)
+    add_share_of_peak(rows, peak, flops, "throughput_ips", "model")
     say(opts, format_table(rows, COLUMNS))
-    write_rows("inference", rows, opts, device)
+    say(opts, f"share of peak: achieved FLOP/s at the throughput batch (2 x MACs per image x img/s) over this machine's "
+              f"matmul peak in the row's precision (fp32 {peak['fp32'] / 1e9:.0f}, bf16 {peak['bfloat16'] / 1e9:.0f} GFLOP/s)")
+    write_rows("inference", rows, opts, device, {"peak_flops": peak})
     return rows

@@ -34,12 +34,14 @@ import torch.nn as nn
 
 from ..data import TensorLoader, channel_stats
 from ..hardware import precision_name, resolve_device, resolve_precision
+from ..analysis.complexity import model_info
 from ..models import create_model
 from ..train.config import TrainConfig
 from ..train.engine import TrainState, train_one_epoch
 from ..train.runner import build_optimizer
 from ..train.schedule import Schedule
 from ._common import BenchOptions, Row, format_table, median, say, sync, with_threads, write_rows
+from .peak import TRAIN_FLOPS_PER_MAC, add_share_of_peak, peaks
 from .pipeline import PAPER_AUGMENT, endless, random_images, usual_loader
 
 COLUMNS_RUN = ("usual", "resdense", "resdense+compile")
@@ -213,7 +215,8 @@ def _measure_case(case: TrainCase, opts: BenchOptions, device: torch.device) -> 
 
 COLUMNS = [("case", "model", "s"), ("input", "input", "s"), ("batch", "batch", "d"), ("column", "column", "s"),
            ("precision", "prec", "s"), ("timed_steps", "steps", "d"), ("images_per_s", "img/s", ".1f"),
-           ("speedup_vs_usual", "x usual", ".2f"), ("compile_s", "compile s", ".0f"), ("skipped", "note", "s"),
+           ("speedup_vs_usual", "x usual", ".2f"), ("achieved_gflops", "GFLOP/s", ".1f"),
+           ("share_of_peak", "of peak", ".1%"), ("compile_s", "compile s", ".0f"), ("skipped", "note", "s"),
            ("error", "error", "s")]
 PROFILE_COLUMNS = [("op", "op", "s"), ("calls", "calls", "d"), ("self_cpu_ms", "self CPU ms", ".1f"),
                    ("self_cpu_pct", "self %", ".1f"), ("cpu_total_ms", "total CPU ms", ".1f")]
@@ -227,11 +230,15 @@ def run(opts: BenchOptions) -> list[Row]:
               f"{torch.get_num_threads()} threads")
     rows: list[Row] = []
     profile: Optional[dict[str, Any]] = None
+    flops: dict[str, float] = {}
     for case in _cases(opts.quick):
         case_rows, prof = _measure_case(case, opts, device)
         rows += case_rows
+        flops[case.label] = TRAIN_FLOPS_PER_MAC * model_info(case.model, input_size=case.input_size, **case.kwargs).macs
         if prof is not None and profile is None:
             profile = {"case": case.label, "batch": case.batch, "column": "resdense", "top": prof}
+    peak = peaks(device, opts.quick)
+    add_share_of_peak(rows, peak, flops, "images_per_s", "case")
     say(opts, format_table(rows, COLUMNS))
     say(opts, "rates: batch / median step time over the timed windows, after the warm-up steps; the data pipeline "
               "is part of every step; compile s = warm-up time minus as many timed steps, not in img/s")
@@ -239,5 +246,7 @@ def run(opts: BenchOptions) -> list[Row]:
         say(opts, f"where the time goes: one resdense training step of {profile['case']} (batch {profile['batch']}), "
                   f"top {len(profile['top'])} ops by self CPU time")
         say(opts, format_table(profile["top"], PROFILE_COLUMNS))
-    write_rows("training", rows, opts, device, {"profile": profile})
+    say(opts, f"share of peak: achieved FLOP/s (6 x MACs per image x img/s) over this machine's matmul peak in the "
+              f"row's precision (fp32 {peak['fp32'] / 1e9:.0f}, bf16 {peak['bfloat16'] / 1e9:.0f} GFLOP/s)")
+    write_rows("training", rows, opts, device, {"profile": profile, "peak_flops": peak})
     return rows

@@ -105,25 +105,34 @@ def work(runs: list[RunSpec], log: Log = print, quiet: bool = False, threads: Op
 
 
 def _worker(study_dict: dict[str, Any], index: int, threads: int, device: Optional[str]) -> list[str]:
-    """One process of ``--jobs N``: the same claim loop over the same runs, started at a different
-    place so the jobs take different runs first."""
+    """One process of ``--jobs N``: the same claim loop over the same runs, longest first (so the
+    short ones fill the gaps at the end instead of a long one running alone), started at a
+    different place so the jobs take different runs first."""
     study = StudyConfig(**study_dict)
     runs = get_study(study.study).runs(study)
+    cost = Progress(runs, 1)
+    runs = sorted(runs, key=cost.work, reverse=True)
     order = runs[index:] + runs[:index]
-    return work(order, log=lambda msg: None, quiet=True, threads=threads, device=device)
+    return work(order, log=_silent, quiet=True, threads=threads, device=device)
+
+
+def _silent(message: str) -> None:
+    """A worker's log: its runs log to their own train.log; the parent prints the progress."""
 
 
 class Progress:
     """Runs done / running / waiting, time elapsed, and an estimate of the time left.
 
-    The estimate divides each run's work (its steps x batch x the model's multiply-adds) by the
-    rate measured on the finished runs (and the finished epochs of running ones), per process.
+    Work is counted in multiply-adds (a run's steps x batch x its model's MACs per image); the
+    estimate divides the work left by the rate this study has achieved since it started (all its
+    processes together, everything included: evaluation, checkpoints, start-up).
     """
 
     def __init__(self, runs: list[RunSpec], jobs: int) -> None:
         self.runs, self.jobs = runs, max(jobs, 1)
         self.start = time.perf_counter()
         self._cost: dict[str, float] = {}
+        self._done_at_start = self._count()[3]
 
     def _unit_cost(self, run: RunSpec) -> float:
         key = json.dumps([run.config.model, run.config.model_kwargs], sort_keys=True, default=str)
@@ -134,45 +143,41 @@ class Progress:
                 self._cost[key] = float(model_info(run.config.model, **run.config.model_kwargs).macs)
             except Exception:  # noqa: BLE001 - a cost estimate must never stop the study
                 self._cost[key] = 1.0
-        return self._cost[key]
+        return self._cost[key] * run.config.batch_size
+
+    def work(self, run: RunSpec) -> float:
+        """A run's whole work in multiply-adds."""
+        return self._unit_cost(run) * _total_steps(run)
 
     @staticmethod
-    def _steps_done(run_dir: Path) -> tuple[int, float]:
+    def _steps_done(run_dir: Path) -> int:
         path = run_dir / "metrics.jsonl"
-        if not path.is_file():
-            return 0, 0.0
-        lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
-        if not lines:
-            return 0, 0.0
-        last = json.loads(lines[-1])
-        return int(last["step"]), float(last["wall_time"])
+        lines = [ln for ln in path.read_text().splitlines() if ln.strip()] if path.is_file() else []
+        return int(json.loads(lines[-1])["step"]) if lines else 0
 
-    def line(self) -> str:
+    def _count(self) -> tuple[int, int, int, float, float]:
+        """(done, running, waiting, work done, work left)."""
         done = running = waiting = 0
-        work_done = seconds = work_left = 0.0
+        work_done = work_left = 0.0
         for run in self.runs:
             run_dir = Path(run.config.out)
-            unit = self._unit_cost(run) * run.config.batch_size
-            total_steps = _total_steps(run)
-            steps, wall = self._steps_done(run_dir)
+            unit, total = self._unit_cost(run), _total_steps(run)
             if finished(run_dir):
                 done += 1
-                summary = json.loads((run_dir / "summary.json").read_text())
-                work_done += unit * summary.get("steps", total_steps)
-                seconds += summary.get("wall_time", wall)
+                work_done += unit * total
                 continue
-            if owner(run_dir) is not None:
-                running += 1
-            else:
-                waiting += 1
+            running += owner(run_dir) is not None
+            waiting += owner(run_dir) is None
+            steps = min(self._steps_done(run_dir), total)
             work_done += unit * steps
-            seconds += wall
-            work_left += unit * max(total_steps - steps, 0)
+            work_left += unit * (total - steps)
+        return done, running, waiting, work_done, work_left
+
+    def line(self) -> str:
+        done, running, waiting, work_done, work_left = self._count()
         elapsed = time.perf_counter() - self.start
-        eta = ""
-        if work_done > 0 and seconds > 0 and (running or waiting):
-            left = work_left / (work_done / seconds) / min(self.jobs, running + waiting)
-            eta = f", about {_clock(left)} left"
+        progress = work_done - self._done_at_start
+        eta = f", about {_clock(work_left * elapsed / progress)} left" if progress > 0 and work_left > 0 else ""
         return (f"study: {done}/{len(self.runs)} runs done, {running} running, {waiting} waiting; "
                 f"{_clock(elapsed)} elapsed{eta}")
 
