@@ -356,3 +356,26 @@ def test_bad_study_input_exits_2_with_one_line(argv, expect, tmp_path, monkeypat
     code, _, err = run_cli([a.replace("{tmp}", str(tmp_path)) for a in argv])
     assert code == 2
     assert expect in _one_line(err)
+
+
+def test_study_list_names_every_study_with_its_presets_and_claims():
+    code, out, err = run_cli(["study", "list"])
+    assert code == 0, err
+    assert out.startswith("degradation: ") and "presets: quick, paper" in out
+    assert "claim: Degradation: plain-56 ends with higher training error than plain-20 [plain-56 − plain-20 > 0]" in out
+    assert "[(plain-56 − plain-20) − (resnet-56 − resnet-20) > 0]" in out
+
+
+def test_report_on_a_folder_of_studies_writes_an_index_linking_each_report(tiny_study, tmp_path):
+    study, _ = tiny_study
+    for name in ("first", "second"):
+        (tmp_path / name).mkdir()
+        for f in ("study.json", "results.jsonl"):
+            shutil.copy(study / f, tmp_path / name / f)
+    code, out, err = run_cli(["report", str(tmp_path)])
+    assert code == 0, err
+    assert "2 studies (first, second)" in out
+    page = (tmp_path / "index.html").read_text()
+    for name in ("first", "second"):
+        assert f"href='{name}/report.html'" in page and (tmp_path / name / "report.html").is_file()
+    assert page.count("inconclusive") == 6  # three claims per study, one seed each

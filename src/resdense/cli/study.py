@@ -37,8 +37,9 @@ def register(sub: Any) -> None:
         s.add_argument("--out", required=True, metavar="STUDY_DIR")
         s.set_defaults(func=cmd_study, spec=spec.name)
 
-    p = sub.add_parser("report", help="(re)draw a study's figures and report from its result files")
-    p.add_argument("study_dir")
+    p = sub.add_parser("report", help="(re)draw a study's figures and report from its result files; on a folder of "
+                                      "studies, every study's report and an index page")
+    p.add_argument("study_dir", metavar="STUDY_DIR|FOLDER")
     p.set_defaults(func=cmd_report)
 
 
@@ -67,8 +68,15 @@ def cmd_study(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from ..studies import build_report
+    from pathlib import Path
 
+    from ..studies import build_report
+    from ..studies.report import build_index
+
+    if not (Path(args.study_dir) / "study.json").is_file() and any(Path(args.study_dir).glob("*/study.json")):
+        index = build_index(args.study_dir)
+        print(f"{len(index['studies'])} studies ({', '.join(index['studies'])}); index: {index['index']}")
+        return 0
     _print_summary(build_report(args.study_dir), args.study_dir)
     return 0
 

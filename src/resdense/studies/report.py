@@ -210,3 +210,43 @@ def build_report(study_dir: str | Path) -> dict[str, Any]:
     atomic_write_text(out / "report.html", page)
     return {"study": spec.name, "table": table, "verdicts": vs, "verdict_text": text,
             "lines": [summary_line(v) for v in vs], "figures": [str(out / n) for n, _ in figures]}
+
+
+def build_index(folder: str | Path) -> dict[str, Any]:
+    """Redraw the report of every study directly inside ``folder`` and write ``folder/index.html``
+    (and ``index.md``): one row per study with its claims' decisions and a link to its report."""
+    root = Path(folder)
+    studies = sorted(p.parent for p in root.glob("*/study.json"))
+    if not studies:
+        raise ConfigError(f"{root} holds no study folders (none has a study.json); run `resdense study NAME --out "
+                          f"{root}/NAME` first")
+    entries = []
+    for study_dir in studies:
+        try:
+            report = build_report(study_dir)
+        except ConfigError as e:  # a study with no finished run yet: listed, not fatal
+            entries.append({"dir": study_dir.name, "title": study_dir.name, "verdicts": [], "note": str(e)})
+            continue
+        spec = get_study(report["study"])
+        entries.append({"dir": study_dir.name, "title": spec.title, "verdicts": report["verdicts"], "note": ""})
+    md = ["# resdense studies", "", "| study | claim | difference (points) | decision | report |", "|---|---|---|---|---|"]
+    rows_html = []
+    for e in entries:
+        link = f"{e['dir']}/report.html"
+        claims = e["verdicts"] or [None]
+        for v in claims:
+            cells = ([v.text, "–" if v.difference is None else f"{v.difference:+.2f}"
+                      + ("" if v.stderr is None else f" ± {v.stderr:.2f}"), DECISION_WORDS[v.decision]]
+                     if v is not None else [e["note"], "–", "–"])
+            md.append(f"| {e['title']} | " + " | ".join(cells) + f" | [{e['dir']}]({link}) |")
+            rows_html.append("<tr>" + f"<td>{html.escape(e['title'])}</td>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells)
+                             + f"<td><a href='{html.escape(link)}'>{html.escape(e['dir'])}</a></td></tr>")
+    atomic_write_text(root / "index.md", "\n".join(md) + "\n")
+    style = ("body{font-family:sans-serif;max-width:1100px;margin:auto}table{border-collapse:collapse}"
+             "td,th{border:1px solid #999;padding:4px 8px}")
+    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>resdense studies</title><style>{style}</style>"
+            "</head><body><h1>resdense studies</h1><table class='index'><thead><tr><th>study</th><th>claim</th>"
+            "<th>difference (points)</th><th>decision</th><th>report</th></tr></thead><tbody>"
+            + "".join(rows_html) + "</tbody></table></body></html>")
+    atomic_write_text(root / "index.html", page)
+    return {"studies": [e["dir"] for e in entries], "index": str(root / "index.html")}
