@@ -70,6 +70,7 @@ class TrainConfig:
     out: Optional[str] = None
     eval_batch_size: int = 1000
     curve_every: int = 50                   # steps between points of the training curve (curve.jsonl)
+    checkpoint_every: Optional[int] = None  # also checkpoint every N steps inside an epoch (long epochs)
     eval_train: bool = False                # after training: eval-mode error on the training images
     test_subset: Optional[int] = None       # final test on a fixed seeded subset of this many test images
     record_gradients: bool = False
@@ -162,6 +163,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         (cfg.warmup >= 0, f"warmup must be >= 0; got {cfg.warmup}"),
         (cfg.threads is None or cfg.threads > 0, f"--threads must be positive; got {cfg.threads}"),
         (cfg.curve_every > 0, f"curve_every must be positive; got {cfg.curve_every}"),
+        (cfg.checkpoint_every is None or cfg.checkpoint_every > 0,
+         f"--checkpoint-every must be positive; got {cfg.checkpoint_every}"),
         (0 < cfg.min_scale <= 1, f"min_scale must be in (0, 1]; got {cfg.min_scale}"),
         (0 < cfg.resize_ramp <= 1, f"resize_ramp must be in (0, 1]; got {cfg.resize_ramp}"),
         (cfg.resize_step > 0, f"resize_step must be positive; got {cfg.resize_step}"),
