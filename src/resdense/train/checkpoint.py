@@ -19,9 +19,11 @@ position (see ``runner``).
 from __future__ import annotations
 
 import json
+import math
 import os
 import pickle
 import shutil
+import struct
 import tempfile
 import warnings
 import zipfile
@@ -172,11 +174,31 @@ def resolve_checkpoint(path: str | Path, prefer: str = "best") -> Path:
     raise CheckpointError(f"{path} holds no checkpoint ({MODEL_FILE} not found in it, its best/ or last/)")
 
 
+_META_TYPES: dict[str, Any] = {"model": str, "model_kwargs": dict, "classes": list, "input_size": list,
+                               "mean": list, "std": list, "config": dict, "data": str}
+
+
 def read_meta(ckpt: Path) -> dict[str, Any]:
+    """A checkpoint's metadata, with the types of the fields resdense reads checked."""
+    path = ckpt / META_FILE
     try:
-        return json.loads((ckpt / META_FILE).read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{ckpt / META_FILE} is missing or corrupt ({e.__class__.__name__}); the checkpoint cannot be used") from None
+        meta = json.loads(path.read_bytes())
+    except (OSError, ValueError, RecursionError) as e:  # ValueError: bad JSON, bad UTF-8
+        raise CheckpointError(f"{path} is missing or corrupt ({e.__class__.__name__}); the checkpoint cannot be used") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("model"), str):
+        raise CheckpointError(f"{path} names no model; it is damaged or was not written by resdense")
+    for key, kind in _META_TYPES.items():
+        if key in meta and not isinstance(meta[key], kind):
+            raise CheckpointError(f"{path}: {key!r} is a {type(meta[key]).__name__}, not a {kind.__name__}; the file is damaged")
+    if any(not isinstance(k, str) for k in meta.get("model_kwargs", {})):
+        raise CheckpointError(f"{path}: 'model_kwargs' is damaged")
+    size = meta.get("input_size", [1, 1, 1])
+    numbers = [*size, *meta.get("mean", []), *meta.get("std", [])]
+    if (len(size) != 3 or not all(isinstance(v, int) and not isinstance(v, bool) and 0 < v <= 65536 for v in size)
+            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in numbers)
+            or not all(isinstance(c, str) for c in meta.get("classes", []))):
+        raise CheckpointError(f"{path}: input_size, mean, std or classes are damaged")
+    return meta
 
 
 def read_weights(ckpt: Path) -> dict[str, torch.Tensor]:
@@ -196,7 +218,10 @@ def read_state(ckpt: Path) -> dict[str, Any]:
             state = torch.load(ckpt / STATE_FILE, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
         raise CheckpointError(f"{ckpt / STATE_FILE} needs pickled code to load; resdense refuses to run it") from None
-    except (OSError, RuntimeError, EOFError, zipfile.BadZipFile) as e:
+    except (OSError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError, KeyError, IndexError, TypeError,
+            AttributeError, struct.error, OverflowError, MemoryError, RecursionError) as e:
+        # Damaged bytes reach many corners of the zip reader and the weights-only unpickler (a
+        # key or index they expect, a short struct, bad UTF-8): all of them mean a damaged file.
         raise CheckpointError(f"{ckpt / STATE_FILE} is corrupt or unreadable ({_first_line(e)})") from None
     for w in caught:  # a load that succeeded: its warnings are the caller's to see
         if not str(w.message).startswith("Detected pickle protocol"):
@@ -216,6 +241,11 @@ def build_model_from_meta(meta: dict[str, Any]) -> nn.Module:
         return create_model(meta["model"], **meta.get("model_kwargs", {}))
     except KeyError as e:
         raise CheckpointError(f"checkpoint metadata lacks {e}; it was not written by resdense") from None
+    except (TypeError, ValueError) as e:  # model arguments the builder cannot take (ConfigError passes through)
+        if isinstance(e, CheckpointError) or getattr(e, "exit_code", None):
+            raise
+        raise CheckpointError(f"checkpoint metadata gives {meta['model']} arguments it cannot take "
+                              f"({_first_line(e)}); the metadata is damaged") from None
 
 
 def load_for_inference(path: str | Path, prefer: str = "best") -> tuple[nn.Module, dict[str, Any]]:
