@@ -313,3 +313,36 @@ def test_write_errors_are_oserrors_too_so_caches_keep_tolerating_them(tmp_path, 
         _io.atomic_write_text(tmp_path / "x.json", "{}")
     assert isinstance(info.value, WriteError) and info.value.errno == errno.ENOSPC
     assert str(info.value).startswith(f"cannot write {tmp_path / 'x.json'}: the disk is full")
+
+
+# --- DDP: one rank's signal stops every rank at the same step -----------------------------------
+
+def _ddp_rank(rank: int, world: int, port: int, results) -> None:
+    import torch.distributed as dist
+
+    from resdense.train.stop import StopFlag
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        flag = StopFlag()
+        answers = []
+        for step in range(4):
+            if rank == 1 and step == 2:
+                flag.signum = signal.SIGTERM  # what the handler does on rank 1 only
+            answers.append(flag.requested())
+        results[rank] = (answers, flag.stopping)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_under_ddp_one_ranks_signal_stops_all_ranks_at_the_same_step():
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    results = mp.Manager().dict()
+    mp.spawn(_ddp_rank, args=(2, port, results), nprocs=2, join=True)
+    assert results[0] == results[1] == ([False, False, True, True], signal.SIGTERM)
