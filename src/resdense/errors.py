@@ -32,3 +32,19 @@ class DataError(UserError):
 
 class CheckpointError(UserError):
     """A checkpoint that is missing, corrupt, or for another model."""
+
+
+class WriteError(UserError, OSError):
+    """A file could not be written (disk full, read-only, no permission). What was partly written
+    has been removed and what was there before is untouched.
+
+    Also an :class:`OSError` (with ``errno`` and ``filename`` set), so code that tolerates a failed
+    write (a disposable cache) keeps tolerating it."""
+
+    def __init__(self, message: str, code: int | None = None, path: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.errno, self.filename = code, path
+
+    def __str__(self) -> str:  # OSError's would print "[Errno N] ..." instead of the message
+        return self.message

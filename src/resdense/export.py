@@ -32,6 +32,7 @@ import torch.nn as nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
+from ._io import write_failure
 from .hardware import bf16_supported
 from .errors import ConfigError, UserError
 
@@ -263,6 +264,13 @@ def _atomic_path(path: Path) -> Iterator[Path]:
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except Exception as e:
+        if tmp.exists():  # first, so the message counts the space it frees
+            tmp.unlink()
+        failure = write_failure(e, path)  # a full disk or a read-only folder: one line, not a traceback
+        if failure is not None and failure is not e:
+            raise failure from None
+        raise
     finally:
         if tmp.exists():
             tmp.unlink()

@@ -1,12 +1,15 @@
 """The ``resdense`` command line: one sub-command module per area, each with ``register``.
 
 A user's mistake (a :class:`~resdense.errors.UserError` or a bad flag) prints one line and
-exits with status 2; nothing else is caught, so real bugs keep their traceback.
+exits with status 2, and so does a disk that refuses a write (full, read-only). A run stopped by
+a signal prints how to resume and exits with 128 + the signal's number. Nothing else is caught,
+so real bugs keep their traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import sys
 from typing import Optional, Sequence
@@ -47,9 +50,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except UserError as e:
         print(f"resdense {args.command}: error: {e}", file=sys.stderr)
         return e.exit_code
-    except KeyboardInterrupt:
-        print(f"resdense {args.command}: interrupted", file=sys.stderr)
-        return 130
+    except OSError as e:
+        # A write the disk refused outside resdense's own writers (a figure, a library's file).
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+            raise
+        from .._io import write_failure
+
+        print(f"resdense {args.command}: error: {write_failure(e, e.filename or '(a file)')}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt as e:  # a training run's TrainingStopped says where it stopped and how to resume
+        print(f"resdense {args.command}: {e or 'interrupted'}", file=sys.stderr)
+        return getattr(e, "exit_code", 130)
 
 
 if __name__ == "__main__":

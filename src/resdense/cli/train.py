@@ -12,7 +12,7 @@ from ._util import int_list, parse_overrides
 
 # Flag -> TrainConfig field, for flags whose value goes straight into the config.
 _FLAG_FIELDS = ("model", "data", "data_dir", "recipe", "epochs", "iterations", "batch_size", "lr", "seed",
-                "train_subset", "precision", "device", "threads", "out", "val_size", "weight_decay")
+                "train_subset", "precision", "device", "threads", "out", "val_size", "weight_decay", "checkpoint_every")
 
 
 def _positive_int(text: str) -> int:
@@ -58,6 +58,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--deterministic", action="store_true", default=None, help="deterministic algorithms only")
     p.add_argument("--no-augment", dest="augment", action="store_false", default=None, help="no pad-crop / flip")
     p.add_argument("--no-progress", dest="progress", action="store_false", default=None, help="no progress bar")
+    p.add_argument("--checkpoint-every", type=_positive_int, metavar="N",
+                   help="also write a checkpoint every N steps inside an epoch (long epochs; resume continues there)")
     p.add_argument("--record-gradients", action="store_true", default=None,
                    help="store per-layer gradient norms and their figure every epoch")
     p.add_argument("--config", help="YAML or JSON file of settings (below flags, above the recipe)")

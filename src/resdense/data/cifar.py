@@ -110,10 +110,14 @@ def read_batch(path: str | os.PathLike, label_key: str) -> tuple[torch.Tensor, t
         shape = getattr(data, "shape", None)
         raise DataError(f"{path}: 'data' should be a uint8 array N x {_IMAGE_BYTES}, found "
                         f"{type(data).__name__} {getattr(data, 'dtype', '')} {shape}")
-    try:
-        labels = np.asarray(labels, dtype=np.int64)
-    except (TypeError, ValueError):
-        raise DataError(f"{path}: {label_key!r} is not a list of integers") from None
+    # Integers only: np.asarray would turn 3.5 into 3 and True into 1 without a word.
+    if isinstance(labels, np.ndarray) and labels.dtype.kind in "iu":
+        labels = labels.tolist()
+    if not isinstance(labels, list) or not all(type(v) is int for v in labels):
+        raise DataError(f"{path}: {label_key!r} is not a list of integers")
+    if labels and (min(labels) < 0 or max(labels) >= 2**31):
+        raise DataError(f"{path}: {label_key!r} holds a class index out of range ({min(labels)}..{max(labels)})")
+    labels = np.asarray(labels, dtype=np.int64)
     if labels.shape != (data.shape[0],):
         raise DataError(f"{path}: {data.shape[0]} images but {labels.size} labels (count mismatch)")
     # (N, 3072) -> (N, 3, 32, 32): each row holds the R plane, then G, then B, each row-major.

@@ -4,7 +4,9 @@ batch is gathered, augmented and normalised with a handful of batched tensor ope
 Randomness (the shuffle and the augmentation) comes from a generator seeded by
 ``(seed, epoch)`` alone, so an epoch is the same wherever it runs: a resumed run sees the
 batches the uninterrupted one saw, and ``world_size`` processes each take their slice of the
-very batch a single process would have drawn.
+very batch a single process would have drawn. A run resumed inside an epoch starts that epoch
+at batch ``start_batch``: the skipped batches' random draws are still made, so the rest of the
+epoch is exactly the uninterrupted run's.
 """
 
 from __future__ import annotations
@@ -96,13 +98,23 @@ class TensorLoader:
         self._windows = augment.windows(self.images) if augment is not None else None
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.epoch = 0
+        self.start_batch = 0
         self.size: Optional[tuple[int, int]] = None  # resize batches to this (H, W); None: as stored
 
-    def set_epoch(self, epoch: int, size: Optional[Sequence[int]] = None) -> None:
-        """Select the epoch's shuffle and augmentation stream and, for progressive resizing, the
-        (H, W) its batches are resized to (``None`` or the stored size: no resizing)."""
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, size: Optional[Sequence[int]] = None, start_batch: int = 0) -> None:
+        """Select the epoch's shuffle and augmentation stream, the batch to start at (a resume
+        inside the epoch), and, for progressive resizing, the (H, W) its batches are resized to
+        (``None`` or the stored size: no resizing)."""
+        if not 0 <= start_batch <= len(self):
+            raise ConfigError(f"start_batch must be in [0, {len(self)}]; got {start_batch}")
+        self.epoch, self.start_batch = epoch, start_batch
         self.size = None if size is None or tuple(size) == tuple(self.images.shape[-2:]) else (int(size[0]), int(size[1]))
+
+    @property
+    def epoch_seed(self) -> int:
+        """The seed of this epoch's permutation and augmentation stream (saved in a checkpoint taken
+        inside the epoch, and checked on resume)."""
+        return self.seed * 1_000_003 + self.epoch
 
     @property
     def num_samples(self) -> int:
@@ -114,7 +126,7 @@ class TensorLoader:
 
     def _generator(self) -> torch.Generator:
         # Distinct, reproducible stream per (seed, epoch); independent of the global RNG.
-        return torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return torch.Generator().manual_seed(self.epoch_seed)
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         """uint8 (B, C, H, W) -> normalised float32 (B, C, *size), channels-last if configured."""
@@ -130,6 +142,10 @@ class TensorLoader:
         order = torch.randperm(n, generator=gen).to(self.device) if self.shuffle else torch.arange(n, device=self.device)
         for i in range(len(self)):
             idx = order[i * self.batch_size:(i + 1) * self.batch_size]
+            if i < self.start_batch:  # already trained: draw its randomness, build nothing
+                if self.augment is not None:
+                    self.augment.draw(len(idx), gen)
+                continue
             if self.augment is not None:
                 # Drawn for the global batch, then sliced: every rank sees what one process would.
                 offsets, flips = self.augment.draw(len(idx), gen)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -70,6 +71,7 @@ class TrainConfig:
     out: Optional[str] = None
     eval_batch_size: int = 1000
     curve_every: int = 50                   # steps between points of the training curve (curve.jsonl)
+    checkpoint_every: Optional[int] = None  # also checkpoint every N steps inside an epoch (long epochs)
     eval_train: bool = False                # after training: eval-mode error on the training images
     test_subset: Optional[int] = None       # final test on a fixed seeded subset of this many test images
     record_gradients: bool = False
@@ -100,10 +102,23 @@ def _check_type(name: str, value: Any) -> Any:
         inner = args[0] if args else object
         return [_coerce_scalar(name, inner, v) for v in value]
     if base is dict and isinstance(value, dict):
-        return dict(value)
+        return _json_mapping(name, value)
     if base in (int, float, str, bool) and type(value) is base:
         return value
     raise ConfigError(f"{name} must be {getattr(hint, '__name__', hint)}; got {value!r}")
+
+
+def _json_mapping(name: str, value: dict) -> dict:
+    """A copy of ``value`` if it can be saved as JSON with every run (string keys; strings, numbers,
+    booleans, None, lists and mappings of them): a set or a complex number would only fail later,
+    when config.json is written, as a traceback."""
+    try:
+        text = json.dumps(value, allow_nan=False)
+    except (TypeError, ValueError, RecursionError):
+        text = None
+    if text is None or any(not isinstance(k, str) for k in value):
+        raise ConfigError(f"{name} must map names to plain values (numbers, strings, true/false, lists); got {value!r:.120}")
+    return json.loads(text)
 
 
 def _coerce_scalar(name: str, kind: Any, value: Any) -> Any:
@@ -116,7 +131,7 @@ def _coerce_scalar(name: str, kind: Any, value: Any) -> Any:
 
 def apply_overrides(cfg: TrainConfig, overrides: dict[str, Any], source: str) -> TrainConfig:
     """A copy of ``cfg`` with ``overrides`` applied; unknown keys and wrong types are refused."""
-    unknown = sorted(set(overrides) - set(FIELDS))
+    unknown = sorted(map(str, set(overrides) - set(FIELDS)))  # a YAML key may be a number
     if unknown:
         raise ConfigError(f"{source}: unknown setting(s) {', '.join(unknown)}; valid ones are listed by `resdense train --help`")
     values = {k: _check_type(k, v) for k, v in overrides.items()}
@@ -127,9 +142,11 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     """Settings from a YAML or JSON file (a mapping of TrainConfig fields)."""
     path = Path(path)
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except OSError as e:
         raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file {path} is not UTF-8 text (byte {e.start}); save it as UTF-8 YAML or JSON") from None
     try:
         if path.suffix.lower() in (".yaml", ".yml"):
             import yaml
@@ -138,7 +155,8 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
         else:
             data = json.loads(text)
     except Exception as e:  # yaml.YAMLError / json.JSONDecodeError: either way the file is malformed
-        raise ConfigError(f"config file {path} is not valid {path.suffix.lstrip('.').upper() or 'JSON'}: {str(e).splitlines()[0]}") from None
+        detail = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ConfigError(f"config file {path} is not valid {path.suffix.lstrip('.').upper() or 'JSON'}: {detail}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping of settings, not {type(data).__name__}")
     return data
@@ -146,6 +164,12 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
 
 def validate(cfg: TrainConfig) -> TrainConfig:
     """Refuse values no run can use; messages name the flag."""
+    floats = {f: getattr(cfg, f) for f, hint in _HINTS.items() if hint in (float, Optional[float])}
+    for name, value in floats.items():
+        if value is not None and not math.isfinite(value):
+            raise ConfigError(f"{name} must be a finite number; got {value}")
+    if not all(math.isfinite(m) for m in cfg.milestones):
+        raise ConfigError(f"milestones must be finite numbers; got {cfg.milestones}")
     checks = [
         (cfg.lr > 0, f"--lr must be positive; got {cfg.lr}"),
         (cfg.batch_size > 0, f"--batch-size must be positive; got {cfg.batch_size}"),
@@ -162,6 +186,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         (cfg.warmup >= 0, f"warmup must be >= 0; got {cfg.warmup}"),
         (cfg.threads is None or cfg.threads > 0, f"--threads must be positive; got {cfg.threads}"),
         (cfg.curve_every > 0, f"curve_every must be positive; got {cfg.curve_every}"),
+        (cfg.checkpoint_every is None or cfg.checkpoint_every > 0,
+         f"--checkpoint-every must be positive; got {cfg.checkpoint_every}"),
         (0 < cfg.min_scale <= 1, f"min_scale must be in (0, 1]; got {cfg.min_scale}"),
         (0 < cfg.resize_ramp <= 1, f"resize_ramp must be in (0, 1]; got {cfg.resize_ramp}"),
         (cfg.resize_step > 0, f"resize_step must be positive; got {cfg.resize_step}"),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterable, Optional
 
 import torch
@@ -17,6 +17,31 @@ from ..errors import UserError
 
 class NonFiniteLossError(UserError):
     """The loss became NaN or infinite; the run stops and keeps its last good checkpoint."""
+
+
+class StopRequested(Exception):
+    """Evaluation was asked to stop (``should_stop()`` returned True between two batches)."""
+
+
+@dataclass
+class EpochProgress:
+    """How far an epoch has got: its batches trained so far and the running sums of its metrics
+    row. Saved in a checkpoint taken inside an epoch, so the resumed epoch's row is the one the
+    uninterrupted run writes."""
+
+    batch: int = 0          # batches of the epoch trained (the loader's start_batch on resume)
+    loss_sum: float = 0.0   # sum over images of the training loss
+    wrong: int = 0
+    seen: int = 0
+    train_time: float = 0.0
+    interval: list = field(default_factory=lambda: [0.0, 0, 0])  # loss sum, wrong, seen since the last curve point
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "EpochProgress":
+        return cls(**d)
 
 
 @dataclass
@@ -56,21 +81,28 @@ def train_one_epoch(
     grad_hook: Optional[Callable[[nn.Module, int], None]] = None,
     curve: Optional[list[dict[str, float]]] = None,
     curve_every: int = 50,
-) -> dict[str, float]:
+    start: Optional[EpochProgress] = None,
+    should_stop: Optional[Callable[[], bool]] = None,
+) -> dict[str, Any]:
     """Train over ``loader`` once (or until ``state.step`` reaches ``max_steps``).
 
     The learning rate of step ``s`` is ``schedule(s)``, or ``warmup_lr`` while
     ``state.warmup_done`` is False; the warm-up ends after the first step whose running
     training error is below ``warmup_until_error``. With ``curve``, appends the training loss
     and error of every ``curve_every`` steps (the fine-grained curves of the papers' figures).
-    Returns loss, error, images/s, steps, time.
+
+    ``start``: the progress of an epoch resumed inside it (the loader already skips its trained
+    batches). ``should_stop`` is asked after every step; when it says so the epoch ends there.
+    Returns loss, error, images/s, steps (of this call), time, ``stopped`` and ``progress``
+    (an :class:`EpochProgress` to resume from).
     """
     model.train()
-    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
-    wrong = torch.zeros((), device=device, dtype=torch.int64)
-    seen = steps = 0
-    interval = [0.0, 0, 0]  # loss sum, wrong, seen since the last curve point
-    start = time.perf_counter()
+    begun = start or EpochProgress()
+    loss_sum = torch.tensor(begun.loss_sum, device=device, dtype=torch.float64)
+    wrong = torch.tensor(begun.wrong, device=device, dtype=torch.int64)
+    seen, steps, stopped = begun.seen, 0, False
+    interval = list(begun.interval)
+    start_time = time.perf_counter()
     for x, y in loader:
         if max_steps is not None and state.step >= max_steps:
             break
@@ -109,13 +141,19 @@ def train_one_epoch(
             progress.update(1)
             if steps % 10 == 0:
                 progress.set_postfix(loss=f"{loss_sum.item() / seen:.3f}", acc=f"{1 - wrong.item() / seen:.3f}", lr=f"{lr:.3g}")
-    elapsed = time.perf_counter() - start
+        if should_stop is not None and should_stop():
+            stopped = True
+            break
+    elapsed = begun.train_time + time.perf_counter() - start_time
+    reached = EpochProgress(begun.batch + steps, loss_sum.item(), int(wrong.item()), seen, elapsed, interval)
     return {
-        "train_loss": loss_sum.item() / max(seen, 1),
-        "train_error": wrong.item() / max(seen, 1),
+        "train_loss": reached.loss_sum / max(seen, 1),
+        "train_error": reached.wrong / max(seen, 1),
         "images_per_s": seen / elapsed if elapsed > 0 else math.nan,
         "steps": steps,
         "train_time": elapsed,
+        "stopped": stopped,
+        "progress": reached,
     }
 
 
@@ -134,15 +172,18 @@ def predict_logits(model: nn.Module, x: torch.Tensor, *, device: torch.device,
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: Iterable[tuple[torch.Tensor, torch.Tensor]], *, device: torch.device,
              amp_dtype: Optional[torch.dtype] = None, tta_flip: bool = False,
-             num_classes: Optional[int] = None) -> dict[str, Any]:
+             num_classes: Optional[int] = None, should_stop: Optional[Callable[[], bool]] = None) -> dict[str, Any]:
     """Loss and error over ``loader`` in eval mode; with ``num_classes``, also the confusion
-    matrix (rows: true class, columns: predicted)."""
+    matrix (rows: true class, columns: predicted). ``should_stop`` is asked between batches;
+    when it says so, :class:`StopRequested` is raised (a partial result would mislead)."""
     was_training = model.training
     model.eval()
     loss_sum, wrong, seen = 0.0, 0, 0
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64) if num_classes else None
     try:
         for x, y in loader:
+            if should_stop is not None and should_stop():
+                raise StopRequested
             logp = predict_logits(model, x, device=device, amp_dtype=amp_dtype, tta_flip=tta_flip)
             loss_sum += F.nll_loss(logp, y, reduction="sum").item()
             pred = logp.argmax(1)

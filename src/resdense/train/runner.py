@@ -1,7 +1,9 @@
 """A whole training run: data, model, optimiser, the epoch loop, metrics, checkpoints, resume.
 
 The test split is read once, after the last epoch, for the final summary; model selection
-(``best``) uses the validation split only.
+(``best``) uses the validation split only. SIGTERM and Ctrl-C stop at the next step boundary
+with a checkpoint of that point (see ``stop.py``); a full disk stops with one line saying what
+could not be written and how to resume.
 """
 
 from __future__ import annotations
@@ -27,13 +29,14 @@ import torch.nn as nn
 from .._io import atomic_write_text
 from ..data import load_dataset
 from ..data.loader import Augment, TensorLoader
-from ..errors import ConfigError, UserError
+from ..errors import CheckpointError, ConfigError, UserError, WriteError
 from ..hardware import resolve_device, resolve_precision
 from ..models import create_model
 from ..runlock import LOCK_FILE, RunLock
 from . import checkpoint as ckpt
 from .config import TrainConfig, apply_overrides, validate
-from .engine import TrainState, evaluate, train_one_epoch
+from .engine import EpochProgress, StopRequested, TrainState, evaluate, train_one_epoch
+from .stop import StopFlag, StopNow, resume_hint
 from .schedule import make_schedule, train_image_size
 
 METRIC_FIELDS = ["epoch", "step", "lr", "train_loss", "train_error", "val_loss", "val_error", "images_per_s",
@@ -216,6 +219,7 @@ def prepare_run_dir(cfg: TrainConfig, resume: bool, overwrite: bool, lock: Optio
         raise UserError(f"{run_dir} already holds a run; pass --resume to continue it or --overwrite to replace it")
     lock = lock or RunLock(run_dir)
     lock.acquire()
+    ckpt.remove_stale_temporaries(run_dir)  # a killed writer's leftovers: ours to clean now we hold the lock
     if overwrite and _holds_a_run(run_dir):
         for path in run_dir.iterdir():
             if path.name != LOCK_FILE:
@@ -238,7 +242,8 @@ def resolve_resume_config(cfg: TrainConfig, run_dir: Path, flag_overrides: dict[
     if not saved.is_file():
         return cfg
     saved_cfg = apply_overrides(TrainConfig(), json.loads(saved.read_text()), str(saved))
-    mutable = {"epochs", "iterations", "progress", "threads", "out", "device", "eval_batch_size", "compile"}
+    mutable = {"epochs", "iterations", "progress", "threads", "out", "device", "eval_batch_size", "compile",
+               "checkpoint_every"}
     changed = {k: v for k, v in flag_overrides.items() if k not in mutable and not _same_setting(getattr(saved_cfg, k), v)}
     for key in ("model", "data"):
         if key in changed:
@@ -270,7 +275,13 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False,
     try:
         if torch.distributed.is_initialized():
             torch.distributed.barrier()
-        return _train_locked(cfg, run_dir, resume, flag_overrides, rank, world_size, device, epoch_callback)
+        with StopFlag() as stop:
+            return _train_locked(cfg, run_dir, resume, flag_overrides, rank, world_size, device, epoch_callback, stop)
+    # The one line the user sees: what failed, what is safe on disk, how to go on.
+    except WriteError as e:
+        raise WriteError(f"{e}; {resume_hint(run_dir)}", e.errno, e.filename) from None
+    except StopNow as e:
+        raise StopNow(f"{e}; {resume_hint(run_dir)}", e.signum) from None
     finally:
         if own_lock and lock is not None:
             lock.release()
@@ -278,7 +289,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False,
 
 def _train_locked(cfg: TrainConfig, run_dir: Path, resume: bool, flag_overrides: Optional[dict[str, Any]],
                   rank: int, world_size: int, device: Optional[torch.device],
-                  epoch_callback: Optional[Callable[[RunContext, dict[str, Any]], None]]) -> dict[str, Any]:
+                  epoch_callback: Optional[Callable[[RunContext, dict[str, Any]], None]],
+                  stop: Optional[StopFlag] = None) -> dict[str, Any]:
     if resume:
         cfg = resolve_resume_config(cfg, run_dir, flag_overrides or {})
         validate(cfg)
@@ -290,18 +302,20 @@ def _train_locked(cfg: TrainConfig, run_dir: Path, resume: bool, flag_overrides:
     best_val = math.inf
     wall_start = time.perf_counter()
     wall_offset = 0.0
+    position: Optional[dict[str, Any]] = None  # where inside an epoch a mid-epoch checkpoint stopped
     point = ckpt.find_resume_point(run_dir) if resume else None
     if point is not None:
-        saved = ckpt.read_state(point)
-        ckpt.load_weights(ctx.model, ckpt.read_weights(point), source=str(point))
-        ctx.optimizer.load_state_dict(saved["optimizer"])
+        saved = _restore(ctx, point)
         state = TrainState(step=saved["step"], epoch=saved["epoch"], warmup_done=saved["warmup_done"])
         history = list(saved["metrics"])
         curve = list(saved["curve"])
         best_val = saved["best_val_error"]
         wall_offset = history[-1]["wall_time"] if history else 0.0
-        _set_rng_state(saved["rng"])
-        log(f"resuming {run_dir} at epoch {state.epoch}, step {state.step}")
+        position = saved.get("position")
+        if position is not None:
+            wall_offset = position["wall_time"]
+        log(f"resuming {run_dir} at epoch {state.epoch}, step {state.step}"
+            + (f" (batch {position['batch']} of the epoch)" if position else ""))
     elif resume:
         log(f"nothing to resume in {run_dir}; starting a new run")
     if is_main_process():
@@ -319,19 +333,43 @@ def _train_locked(cfg: TrainConfig, run_dir: Path, resume: bool, flag_overrides:
     progress_ctx = _progress(cfg, steps_per_epoch)
     if cfg.record_gradients and state.epoch == 0 and is_main_process():
         record_gradients(ctx, run_dir, 0)
-    while state.step < ctx.total_steps:
+    def save_inside_epoch(progress: EpochProgress, epoch_time: float) -> Path:
+        """A checkpoint of this exact step: the loader position and the epoch's running sums too."""
+        where = {"epoch": state.epoch, "batch": progress.batch, "epoch_seed": ctx.train_loader.epoch_seed,
+                 "progress": progress.to_dict(), "epoch_time": epoch_time,
+                 "wall_time": wall_offset + time.perf_counter() - wall_start}
+        return _save(ctx, run_dir, state, meta, history, curve, best_val, is_best=False, val_error=math.nan,
+                     position=where, name=f"step-{state.step:07d}")
+
+    should_stop = _stop_check(stop, state, cfg.checkpoint_every)
+    while state.step < ctx.total_steps or position is not None:
         size = train_image_size(state.epoch, total_epochs, tuple(ctx.splits.image_size), cfg.min_scale,
                                 cfg.resize_ramp, cfg.resize_step)
-        ctx.train_loader.set_epoch(state.epoch, size)
-        epoch_start = time.perf_counter()
+        progress = EpochProgress.from_dict(position["progress"]) if position else EpochProgress()
+        epoch_start = time.perf_counter() - (position["epoch_time"] if position else 0.0)
+        position = None
         with progress_ctx(state.epoch, total_epochs) as bar:
-            stats = train_one_epoch(
-                ctx.train_model, ctx.train_loader, ctx.optimizer, schedule, state, device=ctx.device,
-                amp_dtype=ctx.amp_dtype, label_smoothing=cfg.label_smoothing, max_steps=ctx.total_steps,
-                warmup_lr=ctx.warmup_lr, warmup_until_error=cfg.warmup_until_error, progress=bar,
-                curve=curve, curve_every=cfg.curve_every)
+            while True:  # the epoch, in pieces when it stops for a checkpoint inside it
+                ctx.train_loader.set_epoch(state.epoch, size, start_batch=progress.batch)
+                stats = train_one_epoch(
+                    ctx.train_model, ctx.train_loader, ctx.optimizer, schedule, state, device=ctx.device,
+                    amp_dtype=ctx.amp_dtype, label_smoothing=cfg.label_smoothing, max_steps=ctx.total_steps,
+                    warmup_lr=ctx.warmup_lr, warmup_until_error=cfg.warmup_until_error, progress=bar,
+                    curve=curve, curve_every=cfg.curve_every, start=progress, should_stop=should_stop)
+                progress = stats["progress"]
+                if not stats["stopped"] or progress.batch >= steps_per_epoch or state.step >= ctx.total_steps:
+                    break
+                point = save_inside_epoch(progress, time.perf_counter() - epoch_start)
+                if stop is not None and stop.stopping:
+                    raise stop.stopped(run_dir, f"at step {state.step} (epoch {state.epoch + 1}, batch "
+                                       f"{progress.batch} of {steps_per_epoch})", point)
+        try:
+            val = (evaluate(ctx.model, ctx.val_loader, device=ctx.device, amp_dtype=ctx.amp_dtype,
+                            should_stop=stop.requested if stop else None) if ctx.val_loader else {})
+        except StopRequested:  # the epoch is trained, its validation not done: resume validates it
+            point = save_inside_epoch(progress, time.perf_counter() - epoch_start)
+            raise stop.stopped(run_dir, f"while validating epoch {state.epoch + 1}", point) from None  # type: ignore[union-attr]
         state.epoch += 1
-        val = evaluate(ctx.model, ctx.val_loader, device=ctx.device, amp_dtype=ctx.amp_dtype) if ctx.val_loader else {}
         row = {"epoch": state.epoch, "step": state.step, "lr": ctx.optimizer.param_groups[0]["lr"],
                "train_loss": stats["train_loss"], "train_error": stats["train_error"],
                "val_loss": val.get("loss", math.nan), "val_error": val.get("error", math.nan),
@@ -342,12 +380,8 @@ def _train_locked(cfg: TrainConfig, run_dir: Path, resume: bool, flag_overrides:
         val_error = row["val_error"] if not math.isnan(row["val_error"]) else row["train_error"]
         is_best = val_error < best_val
         best_val = min(best_val, val_error)
+        point = _save(ctx, run_dir, state, meta, history, curve, best_val, is_best=is_best, val_error=row["val_error"])
         if is_main_process():
-            saved_state = {"optimizer": ctx.optimizer.state_dict(), "step": state.step, "epoch": state.epoch,
-                           "warmup_done": state.warmup_done, "best_val_error": best_val, "rng": _rng_state(),
-                           "metrics": history, "curve": curve, "config": cfg.to_dict()}
-            ckpt.save_checkpoint(run_dir, state.epoch, ctx.model, saved_state, {**meta, "epoch": state.epoch,
-                                 "step": state.step, "val_error": row["val_error"]}, is_best=is_best)
             _write_metrics(run_dir, history)
             atomic_write_text(run_dir / "curve.jsonl", "".join(json.dumps(r) + "\n" for r in curve))
             if cfg.record_gradients:
@@ -357,12 +391,77 @@ def _train_locked(cfg: TrainConfig, run_dir: Path, resume: bool, flag_overrides:
         log(f"epoch {state.epoch}/{total_epochs}  train loss {row['train_loss']:.4f} err {row['train_error']:.4f}  "
             f"val loss {row['val_loss']:.4f} err {row['val_error']:.4f}  {row['images_per_s']:.0f} img/s  "
             f"{row['epoch_time']:.0f}s" + (f"  (trained at {row['train_size']})" if cfg.min_scale < 1 else ""))
-    summary = final_evaluation(ctx, run_dir, history)
-    return summary
+        if stop is not None and stop.requested():
+            raise stop.stopped(run_dir, f"after epoch {state.epoch}", point)
+    try:
+        return final_evaluation(ctx, run_dir, history, stop)
+    except StopRequested:
+        raise stop.stopped(run_dir, "during the final evaluation", None) from None  # type: ignore[union-attr]
 
 
-def final_evaluation(ctx: RunContext, run_dir: Path, history: list[dict[str, Any]]) -> dict[str, Any]:
-    """Test error at the last epoch and at the best validation epoch: the only read of the test set."""
+def _stop_check(stop: Optional[StopFlag], state: TrainState, every: Optional[int]) -> Optional[Callable[[], bool]]:
+    """What the engine asks after each step: a stop signal, or a checkpoint due (``checkpoint_every``)."""
+    if stop is None and not every:
+        return None
+
+    def check() -> bool:
+        # requested() first and always: under DDP every rank must join its all-reduce at every step.
+        signalled = stop.requested() if stop is not None else False
+        return signalled or bool(every and state.step % every == 0)
+
+    return check
+
+
+def _save(ctx: RunContext, run_dir: Path, state: TrainState, meta: dict[str, Any], history: list[dict[str, Any]],
+          curve: list[dict[str, float]], best_val: float, *, is_best: bool, val_error: float,
+          position: Optional[dict[str, Any]] = None, name: Optional[str] = None) -> Optional[Path]:
+    """Rank 0 writes the checkpoint (the others return None); every rank waits for it."""
+    point = None
+    if is_main_process():
+        saved_state = {"optimizer": ctx.optimizer.state_dict(), "step": state.step, "epoch": state.epoch,
+                       "warmup_done": state.warmup_done, "best_val_error": best_val, "rng": _rng_state(),
+                       "metrics": history, "curve": curve, "config": ctx.cfg.to_dict()}
+        if position is not None:
+            saved_state["position"] = position
+        point = ckpt.save_checkpoint(run_dir, state.epoch, ctx.model, saved_state, {**meta, "epoch": state.epoch,
+                                     "step": state.step, "val_error": val_error}, is_best=is_best, name=name)
+    if position is not None and torch.distributed.is_initialized():
+        torch.distributed.barrier()  # a stop: no rank leaves before the checkpoint is on disk
+    return point
+
+
+def _restore(ctx: RunContext, point: Path) -> dict[str, Any]:
+    """Load checkpoint ``point`` into the run (weights, optimiser, RNG); returns its training state,
+    checked: a state file that loads but does not fit this run is a CheckpointError, not a crash."""
+    source = point / ckpt.STATE_FILE
+    saved = ckpt.check_state(ckpt.read_state(point), source)
+    ckpt.load_weights(ctx.model, ckpt.read_weights(point), source=str(point))
+    try:
+        ctx.optimizer.load_state_dict(saved["optimizer"])
+        for group in ctx.optimizer.param_groups:
+            for p in group["params"]:
+                buf = ctx.optimizer.state.get(p, {}).get("momentum_buffer")
+                if buf is not None and (not isinstance(buf, torch.Tensor) or buf.shape != p.shape):
+                    raise ValueError("a momentum buffer has the wrong shape")
+        _set_rng_state(saved["rng"])
+    except (ValueError, KeyError, TypeError, RuntimeError, IndexError) as e:
+        raise CheckpointError(f"{source} does not fit this run ({str(e).strip()[:120] or type(e).__name__}); "
+                              "resume from another checkpoint or start again with --overwrite") from None
+    position = saved.get("position")
+    if position is not None:
+        ctx.train_loader.set_epoch(position["epoch"])
+        if position["epoch_seed"] != ctx.train_loader.epoch_seed or position["batch"] > len(ctx.train_loader):
+            raise CheckpointError(f"{source}: its loader position (epoch {position['epoch']}, batch "
+                                  f"{position['batch']}) does not fit this run's data; start again with --overwrite")
+    return saved
+
+
+def final_evaluation(ctx: RunContext, run_dir: Path, history: list[dict[str, Any]],
+                     stop: Optional[StopFlag] = None) -> dict[str, Any]:
+    """Test error at the last epoch and at the best validation epoch: the only read of the test set.
+    A stop signal ends it between batches (:class:`StopRequested`); resuming evaluates again."""
+    # Rank 0 alone evaluates here, so the check is this process's flag, not an all-reduce.
+    should_stop = (lambda: stop.signum is not None) if stop is not None else None
     cfg = ctx.cfg
     summary: dict[str, Any] = {"model": cfg.model, "data": ctx.splits.name, "seed": cfg.seed,
                                "epochs": len(history), "steps": history[-1]["step"] if history else 0,
@@ -378,7 +477,7 @@ def final_evaluation(ctx: RunContext, run_dir: Path, history: list[dict[str, Any
             train_images = TensorLoader(ctx.train_loader.images, ctx.train_loader.labels, cfg.eval_batch_size,
                                         mean=ctx.splits.mean, std=ctx.splits.std, device=ctx.device,
                                         channels_last=cfg.channels_last)
-            res = evaluate(ctx.model, train_images, device=ctx.device, amp_dtype=ctx.amp_dtype)
+            res = evaluate(ctx.model, train_images, device=ctx.device, amp_dtype=ctx.amp_dtype, should_stop=should_stop)
             summary["train_error_eval"], summary["train_loss_eval"] = res["error"], res["loss"]
         test = ctx.splits.load_test()
         if cfg.test_subset is not None and cfg.test_subset < len(test.images):
@@ -397,7 +496,8 @@ def final_evaluation(ctx: RunContext, run_dir: Path, history: list[dict[str, Any
             ckpt.load_weights(best_model, ckpt.read_weights(best_dir), source=str(best_dir))
             evals["best"] = best_model
         for label, model in evals.items():
-            res = evaluate(model, loader, device=ctx.device, amp_dtype=ctx.amp_dtype, tta_flip=cfg.tta_flip)
+            res = evaluate(model, loader, device=ctx.device, amp_dtype=ctx.amp_dtype, tta_flip=cfg.tta_flip,
+                           should_stop=should_stop)
             summary[f"test_error_{label}"] = res["error"]
             summary[f"test_loss_{label}"] = res["loss"]
         summary.setdefault("test_error_best", summary["test_error_last"])
