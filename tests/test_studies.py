@@ -156,7 +156,11 @@ def test_study_writes_rows_report_and_figures(tiny_study):
     assert "<img src='curves.png'" not in page
     doc = json.loads((study / "table.json").read_text())
     verdicts = {v["claim"]: v for v in doc["verdicts"]}
-    assert set(verdicts) == {"degradation", "shortcuts_remove_degradation", "deeper_resnet_better"}
+    # The quick budget decides the two halves; "deeper ResNets are better" is measured, not decided.
+    assert set(verdicts) == {"degradation", "shortcuts_remove_degradation"}
+    [measured] = doc["measured"]
+    assert measured["claim"] == "deeper_resnet_better" and "decision" not in measured
+    assert "64k iterations" in measured["why_not_decided"]
     for v in verdicts.values():
         # one seed: a difference, no uncertainty, so never a decision either way
         assert v["n_seeds"] == 1 and v["stderr"] is None and v["decision"] == "inconclusive"
@@ -175,7 +179,8 @@ def test_study_writes_rows_report_and_figures(tiny_study):
     assert "shortcut option A for the residual nets" in md
     # The CLI's own summary: one line per net and each claim's decision.
     out = notes["second"]["stdout"]
-    assert "plain-14" in out and "resnet-8" in out and out.count("INCONCLUSIVE") == 3
+    assert "plain-14" in out and "resnet-8" in out and out.count("INCONCLUSIVE") == 2
+    assert "(measured, not decided) Deeper residual nets are better" in out
 
 
 def test_study_resumes_without_retraining_finished_runs(tiny_study):
@@ -288,7 +293,7 @@ def test_t_quantiles():
 
 def test_verdicts_from_rows_and_table_means():
     spec = get_study("degradation")
-    study = StudyConfig(options={"depths": [20, 32, 56]}, seeds=[0, 1])
+    study = StudyConfig(options={"depths": [20, 32, 56]}, seeds=[0, 1], preset="paper")
     rows = []
     errors = {("plain", 20): [0.1, 0.12], ("plain", 32): [0.9, 0.9], ("plain", 56): [0.3, 0.33],
               ("resnet", 20): [0.08, 0.09], ("resnet", 32): [0.9, 0.9], ("resnet", 56): [0.07, 0.09]}
@@ -298,6 +303,7 @@ def test_verdicts_from_rows_and_table_means():
                          "depth": depth, "train_error": e, "running_train_error": e + 0.02, "val_error": e + 0.01,
                          "test_error": e + 0.03, "wall_time": 1.0})
     by = {v.claim: v for v in verdicts(spec, study, rows)}
+    assert set(by) == {"degradation", "shortcuts_remove_degradation", "deeper_resnet_better"}  # paper: all three
     # the middle depth decides nothing: shallowest against deepest
     assert by["degradation"].difference == pytest.approx(100 * ((0.3 - 0.1) + (0.33 - 0.12)) / 2)
     table = group_table(spec, rows)
@@ -362,8 +368,10 @@ def test_study_list_names_every_study_with_its_presets_and_claims():
     code, out, err = run_cli(["study", "list"])
     assert code == 0, err
     assert out.startswith("degradation: ") and "presets: quick, paper" in out
-    assert "claim: Degradation: plain-56 ends with higher training error than plain-20 [plain-56 − plain-20 > 0]" in out
-    assert "[(plain-56 − plain-20) − (resnet-56 − resnet-20) > 0]" in out
+    assert ("claim: Degradation: plain-56 ends with higher training error than plain-20 [plain-56 − plain-20 > 0] "
+            "(decided by presets quick, paper)") in out
+    assert "[(plain-56 − plain-20) − (resnet-56 − resnet-20) > 0] (decided by presets quick, paper)" in out
+    assert "[resnet-56 − resnet-20 < 0] (decided by preset paper)" in out
 
 
 def test_report_on_a_folder_of_studies_writes_an_index_linking_each_report(tiny_study, tmp_path):
@@ -378,4 +386,4 @@ def test_report_on_a_folder_of_studies_writes_an_index_linking_each_report(tiny_
     page = (tmp_path / "index.html").read_text()
     for name in ("first", "second"):
         assert f"href='{name}/report.html'" in page and (tmp_path / name / "report.html").is_file()
-    assert page.count("inconclusive") == 6  # three claims per study, one seed each
+    assert page.count("inconclusive") == 4  # two decided claims per study, one seed each

@@ -49,8 +49,12 @@ def cmd_list(args: argparse.Namespace) -> int:
     for spec in STUDIES.values():
         print(f"{spec.name}: {spec.summary}")
         print(f"  presets: {', '.join(spec.presets)}")
-        for claim in spec.claims(StudyConfig(study=spec.name, options=dict(spec.default_options))):
-            print(f"  claim: {claim.text} [{claim.contrast} {'> 0' if claim.sign > 0 else '< 0'}]")
+        for claim in spec.claims(StudyConfig(study=spec.name, preset="paper", options=dict(spec.default_options))):
+            tested = [p for p in spec.presets
+                      if any(c.id == claim.id and c.tested for c in spec.claims(StudyConfig(study=spec.name, preset=p,
+                                                                                        options=dict(spec.default_options))))]
+            print(f"  claim: {claim.text} [{claim.contrast} {'> 0' if claim.sign > 0 else '< 0'}]"
+                  f" (decided by preset{'s' if len(tested) > 1 else ''} {', '.join(tested)})")
     return 0
 
 
@@ -90,8 +94,12 @@ def _print_summary(report: dict[str, Any], out: str) -> None:
             return "–" if t[key] is None else f"{100 * t[key]:6.2f} ± {100 * t[key + '_std']:5.2f}"
         print(f"{t['group']:<14} {t['seeds']:>5}  {cell('train_error'):>20}  {cell('test_error'):>15}")
     for v in report["verdicts"]:
-        print(("" if v.headline else "(reported) ") + f"{v.text}: {DECISION_WORDS[v.decision].upper()}")
+        print(f"{v.text}: {DECISION_WORDS[v.decision].upper()}")
         print(f"    {v.contrast} = " + ("no data" if v.difference is None else
               f"{v.difference:+.2f}" + ("" if v.stderr is None else f" ± {v.stderr:.2f}") + f" points ({v.n_seeds} seeds)")
               + f"; {v.reason}")
+    from ..studies.report import _measured_line
+
+    for m in report.get("measured", []):
+        print(f"(measured, not decided) {_measured_line(m)}")
     print(f"report: {out}/report.html and {out}/report.md")

@@ -18,7 +18,7 @@ from typing import Any
 from .._io import atomic_write_text
 from ..errors import ConfigError
 from .spec import METRICS, StudyConfig, StudySpec, get_study
-from .stats import CONFIDENCE, Verdict, decide_all, summary_line
+from .stats import CONFIDENCE, Verdict, decide_all, measure, summary_line
 
 DECISION_WORDS = {"reproduced": "reproduced", "not_reproduced": "NOT reproduced", "inconclusive": "inconclusive"}
 
@@ -92,13 +92,25 @@ def group_table(spec: StudySpec, rows: list[dict[str, Any]]) -> list[dict[str, A
     return sorted(table, key=spec.group_order)
 
 
-def verdicts(spec: StudySpec, study: StudyConfig, rows: list[dict[str, Any]]) -> list[Verdict]:
+def _values(rows: list[dict[str, Any]]) -> dict[str, dict[str, dict[int, float]]]:
+    """metric -> group -> seed -> value."""
     values: dict[str, dict[str, dict[int, float]]] = {}
     for r in rows:
         for key in METRICS:
             if r.get(key) is not None:
                 values.setdefault(key, {}).setdefault(r["group"], {})[r["seed"]] = r[key]
-    return decide_all(spec.claims(study), values)
+    return values
+
+
+def verdicts(spec: StudySpec, study: StudyConfig, rows: list[dict[str, Any]]) -> list[Verdict]:
+    """The decisions of the claims this preset tests."""
+    return decide_all([c for c in spec.claims(study) if c.tested], _values(rows))
+
+
+def measurements(spec: StudySpec, study: StudyConfig, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The contrasts of the claims this preset cannot test: measured, not decided."""
+    values = _values(rows)
+    return [measure(c, values.get(c.metric, {})) for c in spec.claims(study) if not c.tested]
 
 
 def verdict_text(vs: list[Verdict]) -> str:
@@ -136,6 +148,14 @@ def _verdict_rows(vs: list[Verdict]) -> tuple[list[str], list[list[str]]]:
                      "–" if v.ci_low is None else f"[{v.ci_low:+.2f}, {v.ci_high:+.2f}]",
                      str(v.n_seeds), DECISION_WORDS[v.decision]])
     return header, body
+
+
+def _measured_line(m: dict[str, Any]) -> str:
+    if m["difference"] is None:
+        return f"{m['text']}: no data yet."
+    unc = f" ± {m['stderr']:.2f}" if m["stderr"] is not None else ""
+    return (f"{m['text']}: {m['contrast']} = {m['difference']:+.2f}{unc} points ({m['n_seeds']} seeds); "
+            f"not decided: {m['why_not_decided']}.")
 
 
 def _md_table(header: list[str], body: list[list[str]]) -> list[str]:
@@ -178,9 +198,11 @@ def build_report(study_dir: str | Path) -> dict[str, Any]:
     atomic_write_text(out / "results.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
     table = group_table(spec, rows)
     vs = verdicts(spec, study, rows)
+    measured = measurements(spec, study, rows)
     figures = spec.figures(rows, table, out)
     text = verdict_text([v for v in vs if v.headline])
-    doc = {"study": spec.name, "table": table, "verdicts": [v.to_dict() for v in vs], "verdict_text": text}
+    doc = {"study": spec.name, "table": table, "verdicts": [v.to_dict() for v in vs], "measured": measured,
+           "verdict_text": text}
     atomic_write_text(out / "table.json", json.dumps(doc, indent=2))
     study_doc = json.loads((out / "study.json").read_text())
     study_doc["verdicts"] = doc["verdicts"]
@@ -189,15 +211,17 @@ def build_report(study_dir: str | Path) -> dict[str, Any]:
     setup = _setup(spec, study, rows)
     th, tb = _table_rows(spec, table)
     vh, vb = _verdict_rows(vs)
-    md = [f"# {spec.title}", "", f"**Verdict.** {text}", "", *_md_table(vh, vb), "", RULE, "", f"Setup: {setup}.", "",
-          *_md_table(th, tb), ""]
+    notes = [_measured_line(m) for m in measured]
+    md = [f"# {spec.title}", "", f"**Verdict.** {text}", "", *_md_table(vh, vb), "", *[f"*Measured, not decided:* {n}"
+          for n in notes], "", RULE, "", f"Setup: {setup}.", "", *_md_table(th, tb), ""]
     for name, caption in figures:
         md += [f"![{caption}]({name})", "", f"*{caption}*", ""]
     md.append(f"Regenerate with `resdense report {out}`.")
     atomic_write_text(out / "report.md", "\n".join(md) + "\n")
 
     body = [f"<h1>{html.escape(spec.title)}</h1>", f"<p id='verdict'><strong>Verdict.</strong> {html.escape(text)}</p>",
-            _html_table(vh, vb, "verdicts"), f"<p>{html.escape(RULE)}</p>", f"<p>Setup: {html.escape(setup)}.</p>",
+            _html_table(vh, vb, "verdicts"), *[f"<p><em>Measured, not decided:</em> {html.escape(n)}</p>" for n in notes],
+            f"<p>{html.escape(RULE)}</p>", f"<p>Setup: {html.escape(setup)}.</p>",
             _html_table(th, tb, "groups")]
     for name, caption in figures:
         data = base64.b64encode((out / name).read_bytes()).decode()
@@ -208,7 +232,7 @@ def build_report(study_dir: str | Path) -> dict[str, Any]:
     page = (f"<!doctype html><html><head><meta charset='utf-8'><title>resdense {spec.name} study</title>"
             f"<style>{style}</style></head><body>" + "\n".join(body) + "</body></html>")
     atomic_write_text(out / "report.html", page)
-    return {"study": spec.name, "table": table, "verdicts": vs, "verdict_text": text,
+    return {"study": spec.name, "table": table, "verdicts": vs, "measured": measured, "verdict_text": text,
             "lines": [summary_line(v) for v in vs], "figures": [str(out / n) for n, _ in figures]}
 
 

@@ -57,6 +57,10 @@ class Claim:
     metric: str = "train_error"
     headline: bool = True  # part of the study's verdict (not just reported)
     label: str = ""        # the contrast written out by hand, e.g. with brackets
+    # False where the budget cannot test the claim (e.g. one the paper shows only after 64k
+    # iterations, at a 150-step preset): the contrast is measured and reported, never decided.
+    tested: bool = True
+    untested_reason: str = ""
 
     @property
     def contrast(self) -> str:
@@ -173,6 +177,14 @@ def budget_hint(diff: float, se: float, n: int, paired: bool) -> str:
 
 def decide_all(claims: Sequence[Claim], values_by_metric: Mapping[str, Mapping[str, Mapping[int, float]]]) -> list[Verdict]:
     return [decide(c, values_by_metric.get(c.metric, {})) for c in claims]
+
+
+def measure(claim: Claim, values: Mapping[str, Mapping[int, float]]) -> dict[str, Any]:
+    """An untested claim's contrast: the estimate and its uncertainty, with no decision."""
+    v = decide(claim, values)
+    keep = ("claim", "text", "contrast", "metric", "difference", "stderr", "n_seeds", "df", "ci_low", "ci_high",
+            "method", "per_seed")
+    return {**{k: getattr(v, k) for k in keep}, "why_not_decided": claim.untested_reason}
 
 
 def summary_line(v: Verdict) -> str:
