@@ -59,7 +59,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"resdense {args.command}: error: {write_failure(e, e.filename or '(a file)')}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:  # a training run's TrainingStopped says where it stopped and how to resume
-        print(f"resdense {args.command}: {e or 'interrupted'}", file=sys.stderr)
+        print(f"resdense {args.command}: {str(e) or 'interrupted'}", file=sys.stderr)
         return getattr(e, "exit_code", 130)
 
 
