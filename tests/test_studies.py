@@ -257,7 +257,7 @@ def test_decision_reproduced_with_paired_seeds():
     assert v.difference == pytest.approx(sum(per_seed) / 3)
     sd = statistics.stdev(per_seed)
     assert v.stderr == pytest.approx(sd / math.sqrt(3))
-    assert v.ci_low == pytest.approx(v.difference - 4.303 * v.stderr)  # t_{0.975, 2}
+    assert v.ci_low == pytest.approx(v.difference - 2.920 * v.stderr)  # t_{0.95, 2}: one-sided 5%
     assert v.ci_low > 0
 
 
@@ -286,9 +286,9 @@ def test_decision_without_common_seeds_uses_welch():
 
 
 def test_t_quantiles():
-    assert t_quantile(1) == pytest.approx(12.706) and t_quantile(2) == pytest.approx(4.303)
+    assert t_quantile(1) == pytest.approx(6.314) and t_quantile(2) == pytest.approx(2.920)
     assert t_quantile(2.9) == t_quantile(2)  # fractional Welch df round down: wider, never narrower
-    assert t_quantile(1000) == pytest.approx(1.96)
+    assert t_quantile(1000) == pytest.approx(1.645)
 
 
 def test_verdicts_from_rows_and_table_means():

@@ -169,10 +169,12 @@ def _html_table(header: list[str], body: list[list[str]], cls: str) -> str:
 
 
 RULE = ("Decision rule: each claim is a difference of group means of the final training error (eval mode, "
-        "training images), in points of percent. Runs of one seed share their data, so the difference is taken "
-        "per seed; its standard error is the between-seed standard deviation over √seeds, and the 95% Student-t "
-        "interval decides: *reproduced* when it excludes 0 on the predicted side, *not reproduced* when it "
-        "excludes 0 on the other side, *inconclusive* when it contains 0. One seed is always inconclusive.")
+        "training images), in points of percent, predicted to be > 0 or < 0. Runs of one seed share their data, so "
+        "the difference is taken per seed; its standard error is the between-seed standard deviation over √seeds "
+        "(Welch's, over independent groups, where the seeds differ). Each claim is a one-sided t test at the 5% "
+        "level, i.e. the 90% two-sided Student-t interval decides: *reproduced* when it excludes 0 on the predicted "
+        "side, *not reproduced* when it excludes 0 on the other side, *inconclusive* when it contains 0. One seed "
+        "is always inconclusive.")
 
 
 def _setup(spec: StudySpec, study: StudyConfig, rows: list[dict[str, Any]]) -> str:

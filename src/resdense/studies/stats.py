@@ -2,11 +2,15 @@
 
 A claim is a contrast: a weighted sum of group means (``plain56 - plain20``, or a difference of
 differences), with the sign the article predicts. Its estimate comes with a standard error over
-seeds and a 95% Student-t interval, and the claim is decided three ways:
+seeds and a 90% two-sided Student-t interval, and the claim is decided three ways:
 
 * **reproduced** — the interval lies entirely on the predicted side of zero;
 * **not reproduced** — it lies entirely on the other side (the data contradict the claim);
 * **inconclusive** — it contains zero: the budget (seeds, steps) is too small to tell.
+
+A claim predicts a direction, so each decision is a one-sided t test at the 5% level (in the
+predicted direction for *reproduced*, in the other for *not reproduced*): together, the 90%
+two-sided interval.
 
 Seeds pair the groups: the runs of one seed share the training subset, the data order and the
 augmentation stream, so where every group of a claim has the same seeds the contrast is computed
@@ -22,24 +26,24 @@ import statistics
 from dataclasses import asdict, dataclass, field
 from typing import Any, Mapping, Optional, Sequence
 
-CONFIDENCE = 0.95
+CONFIDENCE = 0.90  # two-sided: a one-sided 5% test in each direction
 DECISIONS = ("reproduced", "not_reproduced", "inconclusive")
 
-# Two-sided 95% quantiles of Student's t (t_{0.975, df}); between table rows the lower df is
-# used, which widens the interval (conservative).
-_T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
-         11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131, 16: 2.120, 17: 2.110, 18: 2.101, 19: 2.093,
-         20: 2.086, 22: 2.074, 24: 2.064, 26: 2.056, 28: 2.048, 30: 2.042, 40: 2.021, 60: 2.000, 120: 1.980}
-_Z975 = 1.960
+# Quantiles t_{0.95, df} of Student's t; between table rows the lower df is used, which widens
+# the interval (conservative).
+_T95 = {1: 6.314, 2: 2.920, 3: 2.353, 4: 2.132, 5: 2.015, 6: 1.943, 7: 1.895, 8: 1.860, 9: 1.833, 10: 1.812,
+        11: 1.796, 12: 1.782, 13: 1.771, 14: 1.761, 15: 1.753, 16: 1.746, 17: 1.740, 18: 1.734, 19: 1.729,
+        20: 1.725, 22: 1.717, 24: 1.711, 26: 1.706, 28: 1.701, 30: 1.697, 40: 1.684, 60: 1.671, 120: 1.658}
+_Z95 = 1.645
 
 
 def t_quantile(df: float) -> float:
-    """t_{0.975, df} (df >= 1); the normal quantile beyond the table."""
+    """t_{0.95, df} (df >= 1): the one-sided 5% critical value; the normal one beyond the table."""
     if not df >= 1:
         raise ValueError(f"degrees of freedom must be >= 1; got {df}")
     if df > 120:
-        return _Z975
-    return _T975[max(k for k in _T975 if k <= df)]
+        return _Z95
+    return _T95[max(k for k in _T95 if k <= df)]
 
 
 @dataclass(frozen=True)
@@ -148,31 +152,27 @@ def decide(claim: Claim, values: Mapping[str, Mapping[int, float]], scale: float
     lo, hi = diff - half, diff + half
     on_side = (lo > 0) if claim.sign > 0 else (hi < 0)
     against = (hi < 0) if claim.sign > 0 else (lo > 0)
-    interval = f"95% interval [{_fmt(lo)}, {_fmt(hi)}]"
+    interval = f"90% interval [{_fmt(lo)}, {_fmt(hi)}]"
     if on_side:
         decision, reason = "reproduced", f"{interval} excludes 0 on the predicted side ({predicted})"
     elif against:
         decision, reason = "not_reproduced", f"{interval} excludes 0 on the other side: the data contradict {predicted}"
     else:
-        decision, reason = "inconclusive", f"{interval} includes 0: {budget_hint(diff, se, n, paired)}"
+        decision, reason = "inconclusive", f"{interval} includes 0: {budget_hint(diff, se, n)}"
     return Verdict(**base, difference=diff, stderr=se, n_seeds=n, df=df, ci_low=lo, ci_high=hi, method=method,
                    decision=decision, reason=reason, per_seed=per_seed)
 
 
-def budget_hint(diff: float, se: float, n: int, paired: bool) -> str:
-    """What budget would decide a contrast of this size and spread (the seeds it would take)."""
-    sd = se * math.sqrt(n)
+def budget_hint(diff: float, se: float, n: int) -> str:
+    """What budget would decide a contrast of this size and spread: the seeds it would take at
+    this spread (the standard error shrinks as 1/sqrt(seeds))."""
     if abs(diff) < 1e-9:
         return "the difference is zero at this budget; a longer training budget (more steps, --preset paper) is needed"
-    need = n
-    while need < 1000:
-        need += 1
-        if t_quantile(need - 1) * sd / math.sqrt(need) < abs(diff):
-            break
-    if need >= 1000:
-        return "the difference is far inside the noise; a longer training budget (--preset paper) is needed"
-    return (f"at this spread about {need} seeds would decide a difference of {abs(diff):.2f} points, "
-            "or a longer training budget (more steps, --preset paper) may widen it")
+    for need in range(n + 1, 1000):
+        if t_quantile(need - 1) * se * math.sqrt(n / need) < abs(diff):
+            return (f"at this spread about {need} seeds would decide a difference of {abs(diff):.2f} points, "
+                    "or a longer training budget (more steps, --preset paper) may widen it")
+    return "the difference is far inside the noise; a longer training budget (--preset paper) is needed"
 
 
 def decide_all(claims: Sequence[Claim], values_by_metric: Mapping[str, Mapping[str, Mapping[int, float]]]) -> list[Verdict]:
