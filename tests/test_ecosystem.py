@@ -288,7 +288,7 @@ def test_short_default_run_lowers_the_loss(tmp_path):
 def test_short_run_adaptation_leaves_long_runs_alone():
     from resdense.train.config import TrainConfig
     from resdense.train.recipes import SHORT_RUN_DEFAULTS, recipe
-    from resdense.train.schedule import make_schedule, short_run_total
+    from resdense.train.schedule import make_schedule, short_run_min_scale, short_run_total
 
     cfg = TrainConfig(**{**recipe("quick"), **SHORT_RUN_DEFAULTS})
     full = make_schedule(cfg, 8 * 429)  # the published quick run: 55k images, batch 128, 8 epochs
@@ -297,6 +297,7 @@ def test_short_run_adaptation_leaves_long_runs_alone():
     short = make_schedule(cfg, 63)
     assert short.warmup_steps == 21 and short.base_lr == pytest.approx(0.2 * math.sqrt(63 / 1000))
     assert short_run_total(cfg, 21, 8 * 21) == 15 * 21  # the recipe's 8 epochs extended to >= 300 steps
+    assert short_run_min_scale(cfg, 8 * 429) == 0.57 and short_run_min_scale(cfg, 63) == 1.0
     assert make_schedule(TrainConfig(**recipe("quick")), 63).base_lr == 0.2  # library callers: the recipe as is
 
 

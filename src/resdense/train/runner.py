@@ -35,7 +35,7 @@ from . import checkpoint as ckpt
 from . import finetune
 from .config import TrainConfig, apply_overrides, validate
 from .engine import TrainState, evaluate, train_one_epoch
-from .schedule import make_schedule, short_run_total, train_image_size
+from .schedule import make_schedule, short_run_min_scale, short_run_total, train_image_size
 from .tensorboard import EventLog
 
 METRIC_FIELDS = ["epoch", "step", "lr", "train_loss", "train_error", "val_loss", "val_error", "images_per_s",
@@ -330,8 +330,8 @@ def _train_locked(cfg: TrainConfig, run_dir: Path, resume: bool, flag_overrides:
     if cfg.record_gradients and state.epoch == 0 and is_main_process():
         record_gradients(ctx, run_dir, 0, events=events)
     while state.step < ctx.total_steps:
-        size = train_image_size(state.epoch, total_epochs, tuple(ctx.splits.image_size), cfg.min_scale,
-                                cfg.resize_ramp, cfg.resize_step)
+        size = train_image_size(state.epoch, total_epochs, tuple(ctx.splits.image_size),
+                                short_run_min_scale(cfg, ctx.total_steps), cfg.resize_ramp, cfg.resize_step)
         ctx.train_loader.set_epoch(state.epoch, size)
         epoch_start = time.perf_counter()
         with progress_ctx(state.epoch, total_epochs) as bar:

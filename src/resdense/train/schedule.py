@@ -67,9 +67,21 @@ def adapt_short_run(cfg: TrainConfig, total_steps: int) -> tuple[float, int, str
         return cfg.lr, warmup, ""
     floor_warmup = max(warmup, min(WARMUP_FLOOR, total_steps // 3))
     lr = cfg.lr * max(MIN_LR_FACTOR, math.sqrt(total_steps / cfg.short_run_steps))
+    resize = ", full-size images throughout" if cfg.min_scale < 1 else ""
     note = (f"short run ({total_steps} steps < short_run_steps={cfg.short_run_steps}): peak lr {lr:.3g} instead "
-            f"of {cfg.lr:g}, warm-up {floor_warmup} steps instead of {warmup} (--set short_run_steps=0 keeps the recipe's)")
+            f"of {cfg.lr:g}, warm-up {floor_warmup} steps instead of {warmup}{resize} "
+            "(--set short_run_steps=0 keeps the recipe's)")
     return lr, floor_warmup, note
+
+
+def short_run_min_scale(cfg: TrainConfig, total_steps: int) -> float:
+    """The progressive-resizing start scale: the recipe's, or 1 (full size throughout) for a
+    short run. Resizing saves time over thousands of steps; in a few dozen it spends a third of
+    the run at a size the model is never evaluated at (3,000 Fashion-MNIST PNGs, 3 epochs, two
+    seeds: 72.2 / 72.0% test accuracy with it, 73.6 / 75.4% without)."""
+    if cfg.short_run_steps > 0 and total_steps < cfg.short_run_steps:
+        return 1.0
+    return cfg.min_scale
 
 
 def short_run_total(cfg: TrainConfig, steps_per_epoch: int, total_steps: int) -> int:
