@@ -54,10 +54,16 @@ def read_init(path: str | Path) -> InitSource:
 
 def init_model_settings(cfg: TrainConfig, model_given: bool) -> dict[str, Any]:
     """The model and builder arguments a fine-tune from ``cfg.init_from`` takes from it when the
-    command line names no model (its num_classes and in_chans come from the new data)."""
-    if cfg.init_from is None or model_given:
+    command line names no model (its num_classes and in_chans come from the new data); a model
+    named on the command line must be the one the weights are for."""
+    if cfg.init_from is None:
         return {}
     source = read_init(cfg.init_from)
+    if model_given:
+        if source.model is not None and source.model != cfg.model:
+            raise ConfigError(f"--init-from {cfg.init_from} holds {source.model} weights, not {cfg.model}; "
+                              f"drop --model or pass --model {source.model}")
+        return {}
     if source.model is None:
         raise ConfigError(f"--init-from {cfg.init_from} holds weights only; say which model they are for with --model "
                           "NAME (or import them first: resdense import FILE --model NAME --out RUN_DIR)")
