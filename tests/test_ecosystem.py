@@ -104,6 +104,21 @@ def test_shapes_give_num_classes_and_in_chans_and_classes_are_stored(tmp_path):
     assert meta["classes"] == ["cat", "dog", "fox"] and meta["std"] == [0.25] and meta["input_size"] == [1, 28, 28]
 
 
+def test_timm_safetensors_with_compile_prefix_imports(tmp_path):
+    from safetensors.torch import save_file
+
+    source = _randomise_bn(resdense.create_model("resnet20", num_classes=4))
+    path = tmp_path / "model.safetensors"
+    save_file({f"_orig_mod.{k}": v.contiguous() for k, v in source.state_dict().items()}, str(path))
+    run = tmp_path / "run"
+    assert main(["import", str(path), "--model", "resnet20", "--format", "timm", "--out", str(run)]) == 0
+    model, meta = load_for_inference(run)
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), source(x), rtol=0, atol=0)
+    assert meta["classes"] == ["0", "1", "2", "3"] and meta["mean"] == list(IMAGENET_MEAN)
+
+
 def test_pickled_code_is_refused_in_one_line(tmp_path):
     class Payload:
         def __reduce__(self):
@@ -193,7 +208,7 @@ def finetuned(image_folder, cifar_import, tmp_path_factory):
 
 
 @needs_fmnist
-def test_finetune_on_an_image_folder_trains_evaluates_and_predicts(finetuned, image_folder, tmp_path):
+def test_finetune_on_an_image_folder_trains_evaluates_and_predicts(finetuned, image_folder, tmp_path, capsys):
     run, proc = finetuned
     assert "initialised from" in proc.stdout and "new classifier for the data's 10 classes" in proc.stdout
     assert "broken.png" in proc.stderr  # skipped with a warning naming it
@@ -205,16 +220,15 @@ def test_finetune_on_an_image_folder_trains_evaluates_and_predicts(finetuned, im
     assert len(history) == 2 and all(math.isfinite(r["train_loss"]) for r in history)
     assert summary["test_images"] > 0
 
-    proc = _cli("eval", "--checkpoint", str(run))
-    assert proc.returncode == 0, proc.stderr
+    assert main(["eval", "--checkpoint", str(run)]) == 0
     report = json.loads((run / "eval_test.json").read_text())
     assert report["n"] == summary["test_images"] and report["classes"] == sorted(CLASSES)
 
     img = tmp_path / "query.png"
     Image.open(next((image_folder / "trouser").glob("*.png"))).convert("LA").resize((50, 50)).save(img)
-    proc = _cli("predict", "--checkpoint", str(run), "--json", "--top-k", "3", str(img))
-    assert proc.returncode == 0, proc.stderr
-    top = json.loads(proc.stdout)[0]["top"]
+    capsys.readouterr()
+    assert main(["predict", "--checkpoint", str(run), "--json", "--top-k", "3", str(img)]) == 0
+    top = json.loads(capsys.readouterr().out)[0]["top"]
     assert len(top) == 3 and all(p["class"] in CLASSES for p in top)
 
 
@@ -238,7 +252,7 @@ def test_tensorboard_events_read_back(finetuned):
 
 
 @needs_fmnist
-def test_resumed_finetune_continues_from_its_own_checkpoint(finetuned, cifar_import, image_folder, tmp_path):
+def test_resumed_finetune_continues_from_its_own_checkpoint(finetuned, cifar_import, image_folder, tmp_path, capsys):
     run, _ = finetuned
     copy = tmp_path / "run"
     subprocess.run(["cp", "-a", str(run), str(copy)], check=True)
@@ -246,13 +260,13 @@ def test_resumed_finetune_continues_from_its_own_checkpoint(finetuned, cifar_imp
     moved = imported.with_name("imported-moved")
     imported.rename(moved)  # the init weights are gone: a resume must not need them
     try:
-        proc = _cli("train", "--init-from", str(imported), "--data", str(image_folder), "--bad-images", "skip",
-                    "--recipe", "finetune", "--epochs", "3", "--batch-size", "32", "--record-gradients",
-                    "--out", str(copy), "--resume", *SMALL)
+        code = main(["train", "--init-from", str(imported), "--data", str(image_folder), "--bad-images", "skip",
+                     "--recipe", "finetune", "--epochs", "3", "--batch-size", "32", "--record-gradients",
+                     "--out", str(copy), "--resume", *SMALL])
     finally:
         moved.rename(imported)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "resuming" in proc.stdout and "initialised from" not in proc.stdout
+    out = capsys.readouterr().out
+    assert code == 0 and "resuming" in out and "initialised from" not in out
     assert len((copy / "metrics.jsonl").read_text().splitlines()) == 3
 
 
@@ -273,12 +287,11 @@ def test_bad_image_without_skip_names_the_flag(image_folder, tmp_path, capsys):
 
 
 @needs_fmnist
-def test_short_default_run_lowers_the_loss(tmp_path):
+def test_short_default_run_lowers_the_loss(tmp_path, capsys):
     run = tmp_path / "run"
-    proc = _cli("train", "--data", "fashion-mnist", "--train-subset", "1024", "--val-size", "500", "--epochs", "2",
-                "--set", "test_subset=500", "--set", "eval_batch_size=500", "--out", str(run), *SMALL)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "short run (16 steps" in proc.stdout  # the adaptation said what it changed
+    assert main(["train", "--data", "fashion-mnist", "--train-subset", "1024", "--val-size", "500", "--epochs", "2",
+                 "--set", "test_subset=500", "--set", "eval_batch_size=500", "--out", str(run), *SMALL]) == 0
+    assert "short run (16 steps" in capsys.readouterr().out  # the adaptation said what it changed
     history = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     # A fresh 10-class net starts at ln 10; the quick recipe unadapted ended above it.
     assert history[-1]["val_loss"] < math.log(10) and history[-1]["train_loss"] < history[0]["train_loss"]
