@@ -314,6 +314,20 @@ def test_short_run_adaptation_leaves_long_runs_alone():
     assert make_schedule(TrainConfig(**recipe("quick")), 63).base_lr == 0.2  # library callers: the recipe as is
 
 
+@pytest.mark.parametrize("argv, short_run_steps, min_steps", [
+    ([], 1000, 300),                              # everything left to the quick recipe: adapted
+    (["--epochs", "3"], 1000, 0),                 # an explicit length is kept
+    (["--lr", "0.1"], 0, 300),                    # an explicit lr is kept exactly
+    (["--recipe", "finetune", "--epochs", "3"], 0, 0),  # the fine-tuning recipe's lr is not scaled
+])
+def test_the_command_line_adapts_only_what_the_user_left_to_the_recipe(argv, short_run_steps, min_steps):
+    from resdense.cli import build_parser
+    from resdense.cli.train import config_from_args
+
+    cfg, _ = config_from_args(build_parser().parse_args(["train", "--out", "x", *argv]))
+    assert (cfg.short_run_steps, cfg.min_steps) == (short_run_steps, min_steps)
+
+
 def test_tensorboard_is_silent_when_missing_unless_asked(monkeypatch, tmp_path, capsys):
     from resdense.train import tensorboard
 

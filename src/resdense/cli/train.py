@@ -141,7 +141,8 @@ def config_from_args(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
     # peak lr, more epochs; see schedule.adapt_short_run) unless the user chose the lr, warm-up,
     # schedule or length; library callers and studies get the recipe exactly as written.
     chosen = {**file_values, **flags}
-    adapt = {k: v for k, v in SHORT_RUN_DEFAULTS.items() if k not in chosen}
+    recipe_values = recipe(recipe_name)  # a recipe may set (or switch off) the adaptation itself
+    adapt = {k: v for k, v in SHORT_RUN_DEFAULTS.items() if k not in chosen and k not in recipe_values}
     if {"lr", "warmup", "schedule"} & set(chosen):
         adapt.pop("short_run_steps", None)
     if {"epochs", "iterations"} & set(chosen):
