@@ -17,7 +17,7 @@ from typing import Optional, Sequence
 from ..errors import UserError
 
 # Each module defines register(subparsers); a parser it adds sets `func` (args -> exit code).
-_COMMAND_MODULES = ("models", "train", "study", "analyze", "export", "bench")
+_COMMAND_MODULES = ("models", "train", "imports", "study", "analyze", "export", "bench")
 
 
 class _Parser(argparse.ArgumentParser):

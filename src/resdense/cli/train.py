@@ -8,11 +8,15 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError, DataError
+from ..train.recipes import SHORT_RUN_DEFAULTS
 from ._util import int_list, parse_overrides
 
 # Flag -> TrainConfig field, for flags whose value goes straight into the config.
 _FLAG_FIELDS = ("model", "data", "data_dir", "recipe", "epochs", "iterations", "batch_size", "lr", "seed",
-                "train_subset", "precision", "device", "threads", "out", "val_size", "weight_decay", "checkpoint_every")
+                "train_subset", "precision", "device", "threads", "out", "val_size", "weight_decay", "checkpoint_every",
+                "init_from", "backbone_lr_factor", "image_size", "bad_images")
+_BOOL_FIELDS = ("download", "compile", "deterministic", "augment", "progress", "record_gradients", "sync_bn",
+                "freeze_backbone", "tensorboard")
 
 
 def _positive_int(text: str) -> int:
@@ -41,7 +45,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", help="fashion-mnist, mnist, cifar10, cifar100, synthetic, or a folder of images")
     p.add_argument("--data-dir", help="where the dataset files are (else $RESDENSE_DATA, system paths, the cache)")
     p.add_argument("--download", action="store_true", default=None, help="download the dataset if it is missing")
-    p.add_argument("--recipe", help="resnet-cifar-paper, densenet-cifar-paper or quick (default)")
+    p.add_argument("--recipe", help="resnet-cifar-paper, densenet-cifar-paper, finetune or quick (default)")
     length = p.add_mutually_exclusive_group()
     length.add_argument("--epochs", type=_positive_int)
     length.add_argument("--iterations", type=_positive_int)
@@ -62,6 +66,21 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                    help="also write a checkpoint every N steps inside an epoch (long epochs; resume continues there)")
     p.add_argument("--record-gradients", action="store_true", default=None,
                    help="store per-layer gradient norms and their figure every epoch")
+    p.add_argument("--tensorboard", action=argparse.BooleanOptionalAction, default=None,
+                   help="TensorBoard event files in RUN_DIR/tensorboard (default: when the package is installed)")
+    folders = p.add_argument_group("image folders")
+    folders.add_argument("--image-size", type=_positive_int, metavar="PX",
+                         help="resize every image to PX x PX once (e.g. 224 for ImageNet weights); default: the "
+                              "folder's most common size")
+    folders.add_argument("--bad-images", choices=("error", "skip"),
+                         help="an image Pillow cannot decode: stop with its name (default) or skip it with a warning")
+    tune = p.add_argument_group("fine-tuning")
+    tune.add_argument("--init-from", metavar="RUN_DIR|FILE",
+                      help="start from these weights (a run, `resdense import`'s output, or a .pth/.safetensors file "
+                           "with --model); a new classifier when the number of classes differs")
+    tune.add_argument("--freeze-backbone", action="store_true", default=None, help="train the classifier only")
+    tune.add_argument("--backbone-lr-factor", type=float, metavar="F",
+                      help="the backbone learns at F times the classifier's lr (e.g. 0.1)")
     p.add_argument("--config", help="YAML or JSON file of settings (below flags, above the recipe)")
     p.add_argument("--arg", "-a", action="append", metavar="KEY=VALUE", help="model builder argument, e.g. -a shortcut=B")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="any config setting, e.g. --set label_smoothing=0.1")
@@ -84,6 +103,8 @@ def register(sub: Any) -> None:
     p = sub.add_parser("eval", help="test error and confusion matrix of a trained model")
     p.add_argument("--checkpoint", required=True, metavar="RUN_DIR[/best|/last]")
     p.add_argument("--data-dir")
+    p.add_argument("--data", help="the dataset to evaluate on (default: the run's; needed for imported weights "
+                   "that name none)")
     p.add_argument("--split", choices=("test", "val"), default="test")
     p.add_argument("--out", help="where to write eval.json and confusion.png (default: the run directory)")
     p.add_argument("--tta-flip", action="store_true", help="average predictions over each image and its mirror")
@@ -104,7 +125,7 @@ def config_from_args(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
 
     file_values = load_config_file(args.config) if getattr(args, "config", None) else {}
     flags: dict[str, Any] = {f: getattr(args, f) for f in _FLAG_FIELDS if getattr(args, f, None) is not None}
-    for name in ("download", "compile", "deterministic", "augment", "progress", "record_gradients", "sync_bn"):
+    for name in _BOOL_FIELDS:
         if getattr(args, name, None) is not None:
             flags[name] = getattr(args, name)
     if getattr(args, "arg", None):
@@ -118,13 +139,31 @@ def config_from_args(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
     cfg = apply_overrides(TrainConfig(), {**recipe(recipe_name), "recipe": recipe_name}, f"recipe {recipe_name}")
     cfg = apply_overrides(cfg, file_values, str(getattr(args, "config", "")))
     cfg = apply_overrides(cfg, flags, "command line")
-    return cfg, flags
+    # The command line adapts a recipe to a small dataset (few steps: a warm-up floor, a lower
+    # peak lr, more epochs; see schedule.adapt_short_run) unless the user chose the lr, warm-up,
+    # schedule or length; library callers and studies get the recipe exactly as written.
+    chosen = {**file_values, **flags}
+    recipe_values = recipe(recipe_name)  # a recipe may set (or switch off) the adaptation itself
+    adapt = {k: v for k, v in SHORT_RUN_DEFAULTS.items() if k not in chosen and k not in recipe_values}
+    if {"lr", "warmup", "schedule"} & set(chosen):
+        adapt.pop("short_run_steps", None)
+    if {"epochs", "iterations"} & set(chosen):
+        adapt.pop("min_steps", None)
+    return apply_overrides(cfg, adapt, "short-run defaults"), flags
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     from ..train.runner import train, train_seeds
 
+    from ..train import finetune, tensorboard
+
     cfg, flags = config_from_args(args)
+    if flags.get("tensorboard"):
+        tensorboard.require()
+    if not args.resume:  # a resumed run keeps its saved model and never reads the init weights again
+        from ..train.config import apply_overrides
+
+        cfg = apply_overrides(cfg, finetune.init_model_settings(cfg, "model" in flags), "--init-from")
     if args.nproc and args.nproc > 1:
         from ..train.distributed import launch
 
@@ -156,7 +195,20 @@ def cmd_eval(args: argparse.Namespace) -> int:
     device = resolve_device("auto")
     model = model.to(device)
     cfg = meta.get("config", {})
-    splits = load_dataset(meta["data"], args.data_dir or cfg.get("data_dir"), val_size=cfg.get("val_size"))
+    data_name = args.data or meta.get("data")
+    if not data_name:
+        raise ConfigError(f"{args.checkpoint} names no dataset (imported weights); pass --data NAME_OR_FOLDER")
+    # An image folder is read as in training: same size and the same policy for bad files.
+    folder_opts = {"bad_images": cfg.get("bad_images", "error"),
+                   **({"image_size": cfg["image_size"]} if cfg.get("image_size") else {})}
+    if data_name == meta.get("data"):
+        splits = load_dataset(data_name, args.data_dir or cfg.get("data_dir"), val_size=cfg.get("val_size"),
+                              **folder_opts)
+    else:
+        splits = load_dataset(data_name, args.data_dir, bad_images=cfg.get("bad_images", "error"))
+    if splits.in_chans != model.in_chans or len(splits.classes) != len(meta["classes"]):
+        raise ConfigError(f"{data_name} has {len(splits.classes)} classes of {splits.in_chans}-channel images; the "
+                          f"model takes {model.in_chans} channel(s) and has {len(meta['classes'])} classes")
     data = splits.load_test() if args.split == "test" else splits.val
     if len(data.labels) == 0:
         raise DataError(f"the {args.split} split of {meta['data']} is empty")
@@ -164,11 +216,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     res = evaluate(model, loader, device=device, tta_flip=args.tta_flip, num_classes=len(meta["classes"]))
     out_dir = Path(args.out) if args.out else Path(meta["checkpoint"]).parent.parent
     out_dir.mkdir(parents=True, exist_ok=True)
-    report = {"checkpoint": meta["checkpoint"], "split": args.split, "error": res["error"], "accuracy": 1 - res["error"],
+    report = {"checkpoint": meta["checkpoint"], "data": splits.name, "split": args.split, "error": res["error"], "accuracy": 1 - res["error"],
               "loss": res["loss"], "n": res["n"], "classes": meta["classes"], "confusion": res["confusion"]}
     atomic_write_text(out_dir / f"eval_{args.split}.json", json.dumps(report, indent=2))
     png = plot_confusion(torch.tensor(res["confusion"]), meta["classes"], out_dir / f"confusion_{args.split}.png",
-                         title=f"{meta['model']} on {meta['data']} ({args.split}): error {100 * res['error']:.2f}%")
+                         title=f"{meta['model']} on {splits.name} ({args.split}): error {100 * res['error']:.2f}%")
     print(f"{meta['model']} {args.split} error {100 * res['error']:.2f}% (accuracy {100 * (1 - res['error']):.2f}%) "
           f"on {res['n']} images; confusion matrix: {png}")
     return 0

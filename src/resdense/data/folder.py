@@ -313,7 +313,7 @@ def _decode_group_cached(root: Path, split: str, entries: list[FileEntry], *, ca
 def _bad_image(path: Path, reason: str, bad_images: str) -> None:
     if bad_images == "error":
         raise DataError(f"{path}: cannot decode image ({reason}); fix or remove it, or skip bad images "
-                        f"(bad_images='skip')")
+                        f"(--bad-images skip; bad_images='skip' from Python)")
     _warn_skipped(path, reason)
 
 

@@ -66,18 +66,12 @@ def clean_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def load_weights(model: nn.Module, state: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
     """Load ``state`` strictly (after prefix cleaning); any mismatch is a CheckpointError that
     lists the keys, never a silent partial load."""
+    from ..models.importers import mismatch_report
+
     state = clean_state_dict(state)
-    own = unwrap(model).state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    shapes = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
-    if missing or unexpected or shapes:
-        parts = []
-        for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", shapes)):
-            if keys:
-                more = f" (+{len(keys) - 3} more)" if len(keys) > 3 else ""
-                parts.append(f"{label}: {', '.join(keys[:3])}{more}")
-        raise CheckpointError(f"{source} does not fit this model ({'; '.join(parts)}); was it saved for another model?")
+    problem = mismatch_report(unwrap(model).state_dict(), state)
+    if problem:
+        raise CheckpointError(f"{source} does not fit this model ({problem}); was it saved for another model?")
     unwrap(model).load_state_dict(state, strict=True)
 
 

@@ -26,6 +26,8 @@ class TrainConfig:
     download: bool = False
     val_size: Optional[int] = None          # None: the dataset's default hold-out (55k/5k, 45k/5k ...)
     train_subset: Optional[int] = None      # train on a fixed, seeded subset of this many images
+    image_size: Optional[int] = None        # image folders: resize every image to this square size once
+    bad_images: str = "error"               # image folders: error | skip files Pillow cannot decode
     # how long
     recipe: str = "quick"
     epochs: Optional[int] = None
@@ -46,6 +48,14 @@ class TrainConfig:
     warmup_lr: Optional[float] = None       # constant lr until training error < warmup_until_error ...
     warmup_until_error: Optional[float] = None
     warmup_min_depth: int = 0               # ... applied only to models at least this deep (ResNet-110)
+    # short runs (see schedule.adapt_short_run): 0 keeps the recipe exactly; `resdense train` sets
+    # them when the recipe's lr, warm-up and length are left alone
+    short_run_steps: int = 0                # below this many steps: warm-up floor, lr scaled down
+    min_steps: int = 0                      # epochs (not iterations) extended to at least this many steps
+    # fine-tuning (see finetune.py)
+    init_from: Optional[str] = None         # a run directory or a weights file to start from
+    freeze_backbone: bool = False           # train the classifier only
+    backbone_lr_factor: float = 1.0         # the backbone's lr is this times the classifier's
     # data augmentation and regularisation
     augment: bool = True
     pad: int = 4
@@ -76,6 +86,7 @@ class TrainConfig:
     test_subset: Optional[int] = None       # final test on a fixed seeded subset of this many test images
     record_gradients: bool = False
     progress: bool = True
+    tensorboard: bool = True                # event files in RUN/tensorboard/ when the package is installed
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -191,6 +202,10 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         (0 < cfg.min_scale <= 1, f"min_scale must be in (0, 1]; got {cfg.min_scale}"),
         (0 < cfg.resize_ramp <= 1, f"resize_ramp must be in (0, 1]; got {cfg.resize_ramp}"),
         (cfg.resize_step > 0, f"resize_step must be positive; got {cfg.resize_step}"),
+        (cfg.image_size is None or cfg.image_size > 0, f"--image-size must be positive; got {cfg.image_size}"),
+        (cfg.bad_images in ("error", "skip"), f"--bad-images must be error or skip; got {cfg.bad_images!r}"),
+        (cfg.short_run_steps >= 0 and cfg.min_steps >= 0, "short_run_steps and min_steps must be >= 0"),
+        (cfg.backbone_lr_factor >= 0, f"--backbone-lr-factor must be >= 0; got {cfg.backbone_lr_factor}"),
     ]
     for ok, message in checks:
         if not ok:

@@ -60,8 +60,9 @@ def autocast(device: torch.device, dtype: Optional[torch.dtype]) -> contextlib.A
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Every group's lr: ``lr`` times the group's ``lr_scale`` (a fine-tune's backbone factor)."""
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)
 
 
 def train_one_epoch(

@@ -37,7 +37,28 @@ RECIPES: dict[str, dict[str, Any]] = {
         schedule="cosine", warmup=0.15, epochs=8, iterations=None, augment=True, pad=0, flip=0.5,
         label_smoothing=0.1, tta_flip=True, min_scale=0.57, resize_ramp=0.75,
     ),
+    # Fine-tuning pretrained weights (--init-from) on a small image folder: batches of 64 (more
+    # steps from few images), a lower peak lr than from scratch so the first steps, driven by a
+    # new random classifier, do not wreck the pretrained features, and the backbone at a tenth of
+    # the classifier's lr; cosine with warm-up, flips and label smoothing as in quick; no
+    # progressive resizing (pretrained features are tied to the scale they were trained at). Its lr
+    # is already a fine-tuning lr, so the command line's short-run scaling (meant for from-scratch
+    # recipes) is off: 3 epochs on 3,000 Fashion-MNIST PNGs from an imported ResNet-20 reached
+    # 75.4% with it and 77.7% without (one seed).
+    "finetune": dict(
+        batch_size=64, lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-5, decay_norm_and_bias=False,
+        schedule="cosine", warmup=0.1, epochs=10, iterations=None, augment=True, pad=0, flip=0.5,
+        label_smoothing=0.1, tta_flip=True, min_scale=1.0, backbone_lr_factor=0.1, short_run_steps=0,
+    ),
 }
+
+
+# What `resdense train` adds when the user (and the recipe) leave the lr, warm-up and length alone (see
+# schedule.adapt_short_run and short_run_total): a run of fewer than 1,000 steps gets a warm-up of
+# at least 100 steps (or its first third) and a peak lr scaled by sqrt(steps / 1000); a recipe's
+# epochs that give fewer than 300 steps are extended to 300 steps. The quick recipe on the full
+# Fashion-MNIST (8 epochs of 429 steps: 3,432) is above both thresholds and runs exactly as published.
+SHORT_RUN_DEFAULTS: dict[str, Any] = {"short_run_steps": 1000, "min_steps": 300}
 
 
 def recipe(name: str) -> dict[str, Any]:

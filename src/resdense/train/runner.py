@@ -34,10 +34,12 @@ from ..hardware import resolve_device, resolve_precision
 from ..models import create_model
 from ..runlock import LOCK_FILE, RunLock
 from . import checkpoint as ckpt
+from . import finetune
 from .config import TrainConfig, apply_overrides, validate
 from .engine import EpochProgress, StopRequested, TrainState, evaluate, train_one_epoch
+from .schedule import make_schedule, short_run_min_scale, short_run_total, train_image_size
 from .stop import StopFlag, StopNow, resume_hint
-from .schedule import make_schedule, train_image_size
+from .tensorboard import EventLog
 
 METRIC_FIELDS = ["epoch", "step", "lr", "train_loss", "train_error", "val_loss", "val_error", "images_per_s",
                  "train_size", "epoch_time", "wall_time"]
@@ -84,13 +86,7 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (decay if cfg.decay_norm_and_bias or p.ndim > 1 else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}]
-    if no_decay:
-        groups.append({"params": no_decay, "weight_decay": 0.0})
+    groups = finetune.param_groups(model, cfg)
     return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0)
 
 
@@ -130,7 +126,8 @@ def build_context(cfg: TrainConfig, rank: int = 0, world_size: int = 1, device: 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     seed_everything(cfg.seed, cfg.deterministic)
-    splits = load_dataset(cfg.data, cfg.data_dir, download=cfg.download, val_size=cfg.val_size, split_seed=0)
+    splits = load_dataset(cfg.data, cfg.data_dir, download=cfg.download, val_size=cfg.val_size, split_seed=0,
+                          **finetune.data_options(cfg))
     train = splits.train
     images, labels = train.images, train.labels
     if cfg.train_subset is not None:
@@ -149,6 +146,7 @@ def build_context(cfg: TrainConfig, rank: int = 0, world_size: int = 1, device: 
 
     model_kwargs = _model_kwargs(cfg, splits)
     model = create_model(cfg.model, **model_kwargs).to(device)
+    finetune.prepare_model(model, cfg)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     cfg.model_kwargs = {k: v for k, v in model_kwargs.items()}
@@ -167,13 +165,15 @@ def build_context(cfg: TrainConfig, rank: int = 0, world_size: int = 1, device: 
     optimizer = build_optimizer(model, cfg)
     steps_per_epoch = len(train_loader)
     total = cfg.iterations if cfg.iterations is not None else cfg.epochs * steps_per_epoch
+    total = short_run_total(cfg, steps_per_epoch, total)
     deep = model_depth(model) >= cfg.warmup_min_depth
     warmup_lr = cfg.warmup_lr if (cfg.warmup_lr is not None and cfg.warmup_until_error is not None and deep) else None
     return RunContext(cfg, device, amp_dtype, splits, train_loader, val_loader, model, train_model, optimizer,
                       total, warmup_lr, world_size, rank)
 
 
-def record_gradients(ctx: RunContext, run_dir: Path, epoch: int, batches: int = 2) -> None:
+def record_gradients(ctx: RunContext, run_dir: Path, epoch: int, batches: int = 2,
+                     events: Optional[EventLog] = None, step: int = 0) -> None:
     """Per-layer gradient norms on a few validation batches: RUN/gradients/epoch-NNNN.{json,png}
     (epoch 0 is the initialisation)."""
     from .. import plots
@@ -187,6 +187,8 @@ def record_gradients(ctx: RunContext, run_dir: Path, epoch: int, batches: int = 
     atomic_write_text(out / f"epoch-{epoch:04d}.json", json.dumps(report.to_dict(), indent=2))
     plots.plot_gradient_norms({f"{ctx.cfg.model} epoch {epoch}": report}, out / f"epoch-{epoch:04d}.png",
                               title=f"Gradient norm per layer, {ctx.cfg.model}, epoch {epoch}")
+    if events is not None:
+        events.gradients(step, report)
 
 
 def _write_metrics(run_dir: Path, rows: list[dict[str, Any]]) -> None:
@@ -305,7 +307,7 @@ def _train_locked(cfg: TrainConfig, run_dir: Path, resume: bool, flag_overrides:
     position: Optional[dict[str, Any]] = None  # where inside an epoch a mid-epoch checkpoint stopped
     point = ckpt.find_resume_point(run_dir) if resume else None
     if point is not None:
-        saved = _restore(ctx, point)
+        saved = _restore(ctx, point, run_dir)
         state = TrainState(step=saved["step"], epoch=saved["epoch"], warmup_done=saved["warmup_done"])
         history = list(saved["metrics"])
         curve = list(saved["curve"])
@@ -318,10 +320,17 @@ def _train_locked(cfg: TrainConfig, run_dir: Path, resume: bool, flag_overrides:
             + (f" (batch {position['batch']} of the epoch)" if position else ""))
     elif resume:
         log(f"nothing to resume in {run_dir}; starting a new run")
+    if point is None and cfg.init_from is not None:  # a resumed fine-tune continues from its own weights
+        log(finetune.initialise(ctx.model, cfg, ctx.splits.classes))
     if is_main_process():
         atomic_write_text(run_dir / "config.json", json.dumps(cfg.to_dict(), indent=2))
+    events = EventLog.open(run_dir, cfg.tensorboard, is_main_process())
+    if events is not None:
+        events.skip_curve(len(curve))
 
     schedule = make_schedule(cfg, ctx.total_steps)
+    if schedule.note:
+        log(schedule.note)
     steps_per_epoch = len(ctx.train_loader)
     total_epochs = math.ceil(ctx.total_steps / steps_per_epoch)
     meta = {"model": cfg.model, "model_kwargs": cfg.model_kwargs, "data": ctx.splits.name,
@@ -332,7 +341,8 @@ def _train_locked(cfg: TrainConfig, run_dir: Path, resume: bool, flag_overrides:
         f"{'bf16' if ctx.amp_dtype else 'fp32'}, out {run_dir}")
     progress_ctx = _progress(cfg, steps_per_epoch)
     if cfg.record_gradients and state.epoch == 0 and is_main_process():
-        record_gradients(ctx, run_dir, 0)
+        record_gradients(ctx, run_dir, 0, events=events)
+
     def save_inside_epoch(progress: EpochProgress, epoch_time: float) -> Path:
         """A checkpoint of this exact step: the loader position and the epoch's running sums too."""
         where = {"epoch": state.epoch, "batch": progress.batch, "epoch_seed": ctx.train_loader.epoch_seed,
@@ -343,8 +353,8 @@ def _train_locked(cfg: TrainConfig, run_dir: Path, resume: bool, flag_overrides:
 
     should_stop = _stop_check(stop, state, cfg.checkpoint_every)
     while state.step < ctx.total_steps or position is not None:
-        size = train_image_size(state.epoch, total_epochs, tuple(ctx.splits.image_size), cfg.min_scale,
-                                cfg.resize_ramp, cfg.resize_step)
+        size = train_image_size(state.epoch, total_epochs, tuple(ctx.splits.image_size),
+                                short_run_min_scale(cfg, ctx.total_steps), cfg.resize_ramp, cfg.resize_step)
         progress = EpochProgress.from_dict(position["progress"]) if position else EpochProgress()
         epoch_start = time.perf_counter() - (position["epoch_time"] if position else 0.0)
         position = None
@@ -384,15 +394,21 @@ def _train_locked(cfg: TrainConfig, run_dir: Path, resume: bool, flag_overrides:
         if is_main_process():
             _write_metrics(run_dir, history)
             atomic_write_text(run_dir / "curve.jsonl", "".join(json.dumps(r) + "\n" for r in curve))
+            if events is not None:
+                events.epoch(row, curve)
             if cfg.record_gradients:
-                record_gradients(ctx, run_dir, state.epoch)
+                record_gradients(ctx, run_dir, state.epoch, events=events, step=state.step)
         if epoch_callback is not None:  # after the checkpoint: a crash here is a crash between epochs
             epoch_callback(ctx, row)
         log(f"epoch {state.epoch}/{total_epochs}  train loss {row['train_loss']:.4f} err {row['train_error']:.4f}  "
             f"val loss {row['val_loss']:.4f} err {row['val_error']:.4f}  {row['images_per_s']:.0f} img/s  "
             f"{row['epoch_time']:.0f}s" + (f"  (trained at {row['train_size']})" if cfg.min_scale < 1 else ""))
         if stop is not None and stop.requested():
+            if events is not None:
+                events.close()
             raise stop.stopped(run_dir, f"after epoch {state.epoch}", point)
+    if events is not None:
+        events.close()
     try:
         return final_evaluation(ctx, run_dir, history, stop)
     except StopRequested:
@@ -430,11 +446,13 @@ def _save(ctx: RunContext, run_dir: Path, state: TrainState, meta: dict[str, Any
     return point
 
 
-def _restore(ctx: RunContext, point: Path) -> dict[str, Any]:
+def _restore(ctx: RunContext, point: Path, run_dir: Path) -> dict[str, Any]:
     """Load checkpoint ``point`` into the run (weights, optimiser, RNG); returns its training state,
     checked: a state file that loads but does not fit this run is a CheckpointError, not a crash."""
     source = point / ckpt.STATE_FILE
-    saved = ckpt.check_state(ckpt.read_state(point), source)
+    raw = ckpt.read_state(point)
+    finetune.check_resumable(raw, point, run_dir)  # `resdense import` output: weights, not a run
+    saved = ckpt.check_state(raw, source)
     ckpt.load_weights(ctx.model, ckpt.read_weights(point), source=str(point))
     try:
         ctx.optimizer.load_state_dict(saved["optimizer"])
