@@ -170,6 +170,7 @@ def resolve_checkpoint(path: str | Path, prefer: str = "best") -> Path:
 
 _META_TYPES: dict[str, Any] = {"model": str, "model_kwargs": dict, "classes": list, "input_size": list,
                                "mean": list, "std": list, "config": dict, "data": str}
+_OPTIONAL_META = {"data"}  # imported weights name no dataset
 
 
 def read_meta(ckpt: Path) -> dict[str, Any]:
@@ -182,7 +183,7 @@ def read_meta(ckpt: Path) -> dict[str, Any]:
     if not isinstance(meta, dict) or not isinstance(meta.get("model"), str):
         raise CheckpointError(f"{path} names no model; it is damaged or was not written by resdense")
     for key, kind in _META_TYPES.items():
-        if key in meta and not isinstance(meta[key], kind):
+        if key in meta and not isinstance(meta[key], kind) and not (key in _OPTIONAL_META and meta[key] is None):
             raise CheckpointError(f"{path}: {key!r} is a {type(meta[key]).__name__}, not a {kind.__name__}; the file is damaged")
     if any(not isinstance(k, str) for k in meta.get("model_kwargs", {})):
         raise CheckpointError(f"{path}: 'model_kwargs' is damaged")

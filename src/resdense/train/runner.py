@@ -446,12 +446,13 @@ def _save(ctx: RunContext, run_dir: Path, state: TrainState, meta: dict[str, Any
     return point
 
 
-def _restore(ctx: RunContext, point: Path, run_dir: Path) -> dict[str, Any]:
-    """Load checkpoint ``point`` into the run (weights, optimiser, RNG); returns its training state,
-    checked: a state file that loads but does not fit this run is a CheckpointError, not a crash."""
+def _restore(ctx: RunContext, point: Path, run_dir: Optional[Path] = None) -> dict[str, Any]:
+    """Load checkpoint ``point`` (of ``run_dir``, by default its run's) into the run (weights,
+    optimiser, RNG); returns its training state, checked: a state file that loads but does not fit
+    this run is a CheckpointError, not a crash."""
     source = point / ckpt.STATE_FILE
     raw = ckpt.read_state(point)
-    finetune.check_resumable(raw, point, run_dir)  # `resdense import` output: weights, not a run
+    finetune.check_resumable(raw, point, run_dir or point.parent.parent)  # `resdense import` output: weights, not a run
     saved = ckpt.check_state(raw, source)
     ckpt.load_weights(ctx.model, ckpt.read_weights(point), source=str(point))
     try:
