@@ -37,9 +37,9 @@ from safetensors.torch import load_file, save_file
 
 from .._io import fsync_dir, write_failure
 from ..errors import CheckpointError
+from ..models.importers import strip_prefixes
 
 MODEL_FILE, STATE_FILE, META_FILE = "model.safetensors", "state.pt", "meta.json"
-_PREFIXES = ("module.", "_orig_mod.")
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -51,16 +51,7 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 def clean_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Strip the prefixes DDP (``module.``) and torch.compile (``_orig_mod.``) add to keys."""
-    out = {}
-    for key, value in state.items():
-        changed = True
-        while changed:
-            changed = False
-            for prefix in _PREFIXES:
-                if key.startswith(prefix):
-                    key, changed = key[len(prefix):], True
-        out[key] = value
-    return out
+    return {strip_prefixes(key): value for key, value in state.items()}
 
 
 def load_weights(model: nn.Module, state: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
