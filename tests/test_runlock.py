@@ -106,3 +106,34 @@ def test_two_study_processes_share_the_runs(tmp_path):
             assert (out / n / "train.log").read_text().count("training cifar_") == 1
     assert len((out / "results.jsonl").read_text().splitlines()) == 4
     assert "report:" in out_a + out_b
+
+
+def test_ctrl_c_stops_a_parallel_study_with_checkpoints_and_the_same_command_continues(tmp_path):
+    """Ctrl-C (SIGINT to the whole process group) during `--jobs 2`: each job finishes its step and
+    checkpoints, the study prints one line and exits 130; the same command then finishes the study."""
+    out = tmp_path / "study"
+    argv = [sys.executable, "-m", "resdense", "study", "degradation", "--data", "fashion-mnist", "--depths", "8,14",
+            "--seeds", "0", "--set", "train_subset=1000", "--set", "epochs=6", "--set", "batch_size=32",
+            "--set", "val_size=200", "--set", "test_subset=200", "--set", "eval_batch_size=200",
+            "--set", "precision=fp32", "--jobs", "2", "--out", str(out)]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
+                            start_new_session=True)
+    deadline = time.time() + 240
+    while time.time() < deadline:  # both jobs are past their first epoch
+        if len(list(out.glob("*/metrics.jsonl"))) >= 2:
+            break
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=240)
+    assert proc.returncode == 130, stderr
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in stderr and "run the same `resdense study` command" in lines[0]
+    stopped = [p for p in out.glob("*/last") if not (p.parent / "summary.json").is_file()]
+    assert stopped, "no run was stopped mid-way"
+    again = subprocess.run([a for a in argv], capture_output=True, text=True, env=ENV, timeout=600)
+    assert again.returncode == 0, again.stderr
+    assert len((out / "results.jsonl").read_text().splitlines()) == 4
+    for run in stopped:
+        log = (run.parent / "train.log").read_text()
+        assert "resuming" in log  # continued from its checkpoint, not from scratch
+        assert [json.loads(x)["epoch"] for x in (run.parent / "metrics.jsonl").read_text().splitlines()] == list(range(1, 7))

@@ -96,7 +96,7 @@ def _print_summary(report: dict[str, Any], out: str) -> None:
     for v in report["verdicts"]:
         print(f"{v.text}: {DECISION_WORDS[v.decision].upper()}")
         print(f"    {v.contrast} = " + ("no data" if v.difference is None else
-              f"{v.difference:+.2f}" + ("" if v.stderr is None else f" ± {v.stderr:.2f}") + f" points ({v.n_seeds} seeds)")
+              f"{v.difference:+.2f}" + ("" if v.stderr is None else f" ± {v.stderr:.2f}") + f" points ({v.n_seeds} seed{'s' if v.n_seeds != 1 else ''})")
               + f"; {v.reason}")
     from ..studies.report import _measured_line
 

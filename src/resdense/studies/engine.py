@@ -104,6 +104,28 @@ def work(runs: list[RunSpec], log: Log = print, quiet: bool = False, threads: Op
     return trained
 
 
+class StudyStopped(KeyboardInterrupt):
+    """A study stopped by a signal: its runs keep their checkpoints; the same command continues."""
+
+    def __init__(self, message: str, exit_code: int = 130) -> None:
+        super().__init__(message)
+        self.message, self.exit_code = message, exit_code
+
+    def __str__(self) -> str:
+        return self.message
+
+    def __reduce__(self) -> tuple:
+        return type(self), (self.message, self.exit_code)
+
+
+def _stopped(out: Path, exc: BaseException) -> StudyStopped:
+    code = getattr(exc, "exit_code", 130)
+    # A run's own message ends with how to resume that run alone; a study resumes as a whole.
+    what = (str(exc) or "interrupted").split("; continue with")[0]
+    return StudyStopped(f"{what}; every run keeps its last checkpoint: run the same `resdense study` command "
+                        f"again to continue {out}", code)
+
+
 def _worker(study_dict: dict[str, Any], index: int, threads: int, device: Optional[str]) -> list[str]:
     """One process of ``--jobs N``: the same claim loop over the same runs, longest first (so the
     short ones fill the gaps at the end instead of a long one running alone), started at a
@@ -217,15 +239,20 @@ def run_study(study: StudyConfig, jobs: int = 1, log: Log = print) -> dict[str, 
     write_study_file(out, study, log)
     progress = Progress(runs, jobs)
     log(f"{spec.name}: {len(runs)} runs in {out}, {jobs} at a time" + _skip_note(runs))
-    if jobs == 1:
-        trained = []
-        for run in runs:
-            if finished(Path(run.config.out)):
-                continue
-            log(progress.line())
-            trained += work([run], log=log)
-    else:
-        trained = _parallel(study, runs, jobs, progress, log)
+    try:
+        if jobs == 1:
+            trained = []
+            for run in runs:
+                if finished(Path(run.config.out)):
+                    continue
+                log(progress.line())
+                trained += work([run], log=log)
+        else:
+            trained = _parallel(study, runs, jobs, progress, log)
+    except StudyStopped:
+        raise
+    except KeyboardInterrupt as e:  # Ctrl-C, SIGTERM (a run's TrainingStopped): say how to continue
+        raise _stopped(out, e) from None
     log(progress.line())
     unfinished = [r for r in runs if not finished(Path(r.config.out))]
     if unfinished:
@@ -266,21 +293,42 @@ def _skip_note(runs: list[RunSpec]) -> str:
 
 
 def _parallel(study: StudyConfig, runs: list[RunSpec], jobs: int, progress: Progress, log: Log) -> list[str]:
+    import signal
+
     import torch
 
     threads = max(1, torch.get_num_threads() // jobs)
     trained: list[str] = []
     # spawn: a fork of a process that has used OpenMP threads may deadlock.
     with ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn")) as pool:
-        pending: set[Future] = {pool.submit(_worker, study.to_dict(), i, threads, _device_for(i)) for i in range(jobs)}
+        futures = [pool.submit(_worker, study.to_dict(), i, threads, _device_for(i)) for i in range(jobs)]
+
+        def pass_on_sigterm(signum: int, frame: Any) -> None:
+            # Ctrl-C reaches the workers by itself (one process group); a SIGTERM sent to this
+            # process alone (a scheduler's, a kill) is passed on, so each worker checkpoints.
+            for proc in list(getattr(pool, "_processes", {}).values()):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(proc.pid, signal.SIGTERM)
+            raise KeyboardInterrupt
+
+        previous = signal.signal(signal.SIGTERM, pass_on_sigterm)
+        pending: set[Future] = set(futures)
         last = ""
-        while pending:
-            done, pending = wait(pending, timeout=PROGRESS_EVERY_S, return_when=FIRST_COMPLETED)
-            for fut in done:
-                trained += fut.result()  # a worker's UserError surfaces here, as one line
-            line = progress.line()
-            if line != last:
-                log(line)
-                sys.stdout.flush()
-                last = line
+        try:
+            while pending:
+                done, pending = wait(pending, timeout=PROGRESS_EVERY_S, return_when=FIRST_COMPLETED)
+                for fut in done:
+                    trained += fut.result()  # a worker's UserError surfaces here, as one line
+                line = progress.line()
+                if line != last:
+                    log(line)
+                    sys.stdout.flush()
+                    last = line
+        except KeyboardInterrupt as e:
+            log("stopping: every job finishes its current step and writes a checkpoint ...")
+            wait(futures)  # a second Ctrl-C interrupts this wait too: the workers then stop at once
+            stops = [f.exception() for f in futures if isinstance(f.exception(), KeyboardInterrupt)]
+            raise (stops[0] if stops else e) from None
+        finally:
+            signal.signal(signal.SIGTERM, previous)
     return trained

@@ -40,6 +40,10 @@ class TrainingStopped(KeyboardInterrupt):
     def __str__(self) -> str:
         return self.message
 
+    def __reduce__(self) -> tuple:
+        # Pickled across processes (a study's --jobs workers): rebuild from both arguments.
+        return type(self), (self.message, self.signum)
+
 
 class StopNow(TrainingStopped):
     """A second signal: stop at once, without a new checkpoint."""
