@@ -91,7 +91,8 @@ def figures(rows: list[dict[str, Any]], table: list[dict[str, Any]], out: Path) 
     from .. import plots
 
     made = [("curves.png", "Running training error (thin, dashed) and validation error (bold) vs iterations; "
-                           "plain nets left, residual nets right (after He et al. 2015, Fig. 6).")]
+                           "plain nets left, residual nets right (after He et al. 2015, Fig. 6); with several "
+                           "seeds, each line is their mean and the shading their range.")]
     plots.plot_degradation_curves(rows, out / "curves.png")
     if len({t["depth"] for t in table}) > 1:
         plots.plot_error_vs_depth(table, out / "error_vs_depth.png")
