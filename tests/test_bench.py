@@ -137,3 +137,17 @@ def test_registry_hook_and_threads_restored():
     seen = []
     with_threads(lambda opts: seen.append(torch.get_num_threads()) or [])(BenchOptions(threads=1))
     assert seen == [1] and torch.get_num_threads() == before
+
+
+def test_time_to_accuracy_quick_reports_both_ways(tmp_path):
+    """Smoke test on 1,024 real Fashion-MNIST images, one epoch each way: rows, times, speedups."""
+    rows = BENCHMARKS["time-to-accuracy"](BenchOptions(out_dir=tmp_path, precision="fp32", **QUICK))
+    assert [r["way"] for r in rows] == ["usual", "resdense"]
+    for r in rows:
+        assert r["epochs"] == 1 and 0 <= r["final_accuracy"] <= 1 and r["wall_s"] > 0
+        assert r["precision"] == "fp32"
+        for key in ("time_to_0.50", "time_to_0.60"):
+            reached = r["curve"][0]["test_accuracy"] >= float(key.rsplit("_", 1)[1])
+            assert (r[key] == r["curve"][0]["wall_s"]) if reached else r[key] is None
+    doc = json.loads((tmp_path / "tta.json").read_text())
+    assert doc["targets"] == [0.5, 0.6] and doc["rows"] == json.loads(json.dumps(rows))
