@@ -49,10 +49,16 @@ def cmd_list(args: argparse.Namespace) -> int:
     for spec in STUDIES.values():
         print(f"{spec.name}: {spec.summary}")
         print(f"  presets: {', '.join(spec.presets)}")
-        for claim in spec.claims(StudyConfig(study=spec.name, preset="paper", options=dict(spec.default_options))):
-            tested = [p for p in spec.presets
-                      if any(c.id == claim.id and c.tested for c in spec.claims(StudyConfig(study=spec.name, preset=p,
-                                                                                        options=dict(spec.default_options))))]
+        # Claims depend on the preset (a short budget leaves some undecided): list each once,
+        # with the presets that decide it.
+        by_preset = {p: spec.claims(StudyConfig(study=spec.name, preset=p, options=dict(spec.default_options)))
+                     for p in spec.presets}
+        deciders: dict[str, list[str]] = {}
+        for preset, claims in by_preset.items():
+            for c in claims:
+                deciders.setdefault(c.id, []).extend([preset] if c.tested else [])
+        for claim in next(iter(by_preset.values())):
+            tested = deciders[claim.id]
             print(f"  claim: {claim.text} [{claim.contrast} {'> 0' if claim.sign > 0 else '< 0'}]"
                   f" (decided by preset{'s' if len(tested) > 1 else ''} {', '.join(tested)})")
     return 0
@@ -98,8 +104,8 @@ def _print_summary(report: dict[str, Any], out: str) -> None:
         print(f"    {v.contrast} = " + ("no data" if v.difference is None else
               f"{v.difference:+.2f}" + ("" if v.stderr is None else f" ± {v.stderr:.2f}") + f" points ({v.n_seeds} seed{'s' if v.n_seeds != 1 else ''})")
               + f"; {v.reason}")
-    from ..studies.report import _measured_line
+    from ..studies.report import measured_line
 
     for m in report.get("measured", []):
-        print(f"(measured, not decided) {_measured_line(m)}")
+        print(f"(measured, not decided) {measured_line(m)}")
     print(f"report: {out}/report.html and {out}/report.md")

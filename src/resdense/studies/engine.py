@@ -64,12 +64,11 @@ def _train_run(run: RunSpec, lock: RunLock, quiet: bool) -> None:
     from ..train.runner import train
 
     run_dir = Path(run.config.out)
-    # resume=True: an interrupted run continues from its last checkpoint, a new one starts.
-    if quiet:  # a worker of --jobs N: the run's own log goes beside it, the screen shows progress
-        with open(run_dir / "train.log", "a") as f, contextlib.redirect_stdout(f):
+    # A worker of --jobs N: the run's own log goes beside it, the screen shows progress.
+    with open(run_dir / "train.log", "a") if quiet else contextlib.nullcontext() as f:
+        with contextlib.redirect_stdout(f) if f is not None else contextlib.nullcontext():
+            # resume=True: an interrupted run continues from its last checkpoint, a new one starts.
             train(run.config, resume=True, lock=lock)
-    else:
-        train(run.config, resume=True, lock=lock)
 
 
 def work(runs: list[RunSpec], log: Log = print, quiet: bool = False, threads: Optional[int] = None,
@@ -132,14 +131,35 @@ def _worker(study_dict: dict[str, Any], index: int, threads: int, device: Option
     different place so the jobs take different runs first."""
     study = StudyConfig(**study_dict)
     runs = get_study(study.study).runs(study)
-    cost = Progress(runs, 1)
-    runs = sorted(runs, key=cost.work, reverse=True)
+    runs = sorted(runs, key=WorkCost(), reverse=True)
     order = runs[index:] + runs[:index]
     return work(order, log=_silent, quiet=True, threads=threads, device=device)
 
 
 def _silent(message: str) -> None:
     """A worker's log: its runs log to their own train.log; the parent prints the progress."""
+
+
+class WorkCost:
+    """A run's work in multiply-adds: steps x batch x its model's MACs per image (each distinct
+    model measured once)."""
+
+    def __init__(self) -> None:
+        self._macs: dict[str, float] = {}
+
+    def per_step(self, run: RunSpec) -> float:
+        key = json.dumps([run.config.model, run.config.model_kwargs], sort_keys=True, default=str)
+        if key not in self._macs:
+            from ..analysis.complexity import model_info
+
+            try:
+                self._macs[key] = float(model_info(run.config.model, **run.config.model_kwargs).macs)
+            except Exception:  # noqa: BLE001 - a cost estimate must never stop the study
+                self._macs[key] = 1.0
+        return self._macs[key] * run.config.batch_size
+
+    def __call__(self, run: RunSpec) -> float:
+        return self.per_step(run) * _total_steps(run)
 
 
 class Progress:
@@ -153,23 +173,8 @@ class Progress:
     def __init__(self, runs: list[RunSpec], jobs: int) -> None:
         self.runs, self.jobs = runs, max(jobs, 1)
         self.start = time.perf_counter()
-        self._cost: dict[str, float] = {}
+        self._cost = WorkCost()
         self._done_at_start = self._count()[3]
-
-    def _unit_cost(self, run: RunSpec) -> float:
-        key = json.dumps([run.config.model, run.config.model_kwargs], sort_keys=True, default=str)
-        if key not in self._cost:
-            from ..analysis.complexity import model_info
-
-            try:
-                self._cost[key] = float(model_info(run.config.model, **run.config.model_kwargs).macs)
-            except Exception:  # noqa: BLE001 - a cost estimate must never stop the study
-                self._cost[key] = 1.0
-        return self._cost[key] * run.config.batch_size
-
-    def work(self, run: RunSpec) -> float:
-        """A run's whole work in multiply-adds."""
-        return self._unit_cost(run) * _total_steps(run)
 
     @staticmethod
     def _steps_done(run_dir: Path) -> int:
@@ -183,7 +188,7 @@ class Progress:
         work_done = work_left = 0.0
         for run in self.runs:
             run_dir = Path(run.config.out)
-            unit, total = self._unit_cost(run), _total_steps(run)
+            unit, total = self._cost.per_step(run), _total_steps(run)
             if finished(run_dir):
                 done += 1
                 work_done += unit * total

@@ -150,7 +150,7 @@ def _verdict_rows(vs: list[Verdict]) -> tuple[list[str], list[list[str]]]:
     return header, body
 
 
-def _measured_line(m: dict[str, Any]) -> str:
+def measured_line(m: dict[str, Any]) -> str:
     if m["difference"] is None:
         return f"{m['text']}: no data yet."
     unc = f" ± {m['stderr']:.2f}" if m["stderr"] is not None else ""
@@ -213,7 +213,7 @@ def build_report(study_dir: str | Path) -> dict[str, Any]:
     setup = _setup(spec, study, rows)
     th, tb = _table_rows(spec, table)
     vh, vb = _verdict_rows(vs)
-    notes = [_measured_line(m) for m in measured]
+    notes = [measured_line(m) for m in measured]
     md = [f"# {spec.title}", "", f"**Verdict.** {text}", "", *_md_table(vh, vb), "", *[f"*Measured, not decided:* {n}"
           for n in notes], "", RULE, "", f"Setup: {setup}.", "", *_md_table(th, tb), ""]
     for name, caption in figures:
