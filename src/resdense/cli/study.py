@@ -59,7 +59,7 @@ def cmd_list(args: argparse.Namespace) -> int:
                 deciders.setdefault(c.id, []).extend([preset] if c.tested else [])
         for claim in next(iter(by_preset.values())):
             tested = deciders[claim.id]
-            print(f"  claim: {claim.text} [{claim.contrast} {'> 0' if claim.sign > 0 else '< 0'}]"
+            print(f"  claim: {claim.text} [{claim.contrast} {claim.predicted}]"
                   f" (decided by preset{'s' if len(tested) > 1 else ''} {', '.join(tested)})")
     return 0
 

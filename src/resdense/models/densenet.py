@@ -19,7 +19,7 @@ import torch.utils.checkpoint as cp
 
 from ..errors import ConfigError
 from ._registry import PaperFigures, register_model
-from .layers import ActLayer, ClassifierModel, NormLayer, check_positive, init_weights, make_act
+from .layers import ActLayer, ClassifierModel, NormLayer, check_positive, init_weights, make_act, resolve_norm
 
 
 @contextlib.contextmanager
@@ -172,7 +172,7 @@ class DenseNet(ClassifierModel):
             raise ConfigError(f"drop_rate must be in [0, 1); got {drop_rate}")
         self.num_classes = check_positive("num_classes", num_classes)
         self.in_chans = check_positive("in_chans", in_chans)
-        norm_layer = norm_layer or nn.BatchNorm2d
+        norm_layer = resolve_norm(norm_layer)
         act_layer = act_layer or nn.ReLU
 
         self.features = nn.Sequential()

@@ -11,7 +11,8 @@ Shortcut kinds (He et al. 2015, Sec. 4.1 and Table 3):
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from types import MappingProxyType
+from typing import Callable, Optional, Union
 
 import torch
 import torch.nn as nn
@@ -23,6 +24,22 @@ NormLayer = Callable[[int], nn.Module]
 ActLayer = Callable[..., nn.Module]
 
 SHORTCUT_KINDS = ("A", "B", "C", "none")
+
+# Norm layers by name, so a run's JSON config can choose one (``model_kwargs: {"norm_layer":
+# "none"}``). ``nn.Identity`` takes and ignores the channel count: "none" removes every norm,
+# the control of the remedies study (a plain net without batch norm).
+NORM_LAYERS = MappingProxyType({"batchnorm": nn.BatchNorm2d, "none": nn.Identity})
+
+
+def resolve_norm(norm_layer: Union[None, str, NormLayer]) -> NormLayer:
+    """A norm layer factory from ``None`` (batch norm), a name in :data:`NORM_LAYERS`, or a callable."""
+    if norm_layer is None:
+        return nn.BatchNorm2d
+    if isinstance(norm_layer, str):
+        if norm_layer not in NORM_LAYERS:
+            raise ConfigError(f"norm_layer must be one of {', '.join(NORM_LAYERS)} (or a callable); got {norm_layer!r}")
+        return NORM_LAYERS[norm_layer]
+    return norm_layer
 
 
 def conv3x3(in_chs: int, out_chs: int, stride: int = 1) -> nn.Conv2d:

@@ -25,6 +25,7 @@ from .layers import (
     init_weights,
     make_act,
     make_shortcut,
+    resolve_norm,
 )
 
 
@@ -46,7 +47,8 @@ class BasicBlock(nn.Module):
 
     def zero_init_last(self) -> None:
         if self.use_shortcut:  # a plain net with a zeroed branch would pass no signal at all
-            nn.init.zeros_(self.bn2.weight)
+            # Without a norm layer (norm_layer="none") the branch's last conv is zeroed instead.
+            nn.init.zeros_(self.bn2.weight if hasattr(self.bn2, "weight") else self.conv2.weight)
 
     def forward_shortcut(self, x: torch.Tensor) -> torch.Tensor:
         """The block with its residual branch deleted (a lesion, Veit et al. 2016)."""
@@ -84,7 +86,7 @@ class Bottleneck(nn.Module):
 
     def zero_init_last(self) -> None:
         if self.use_shortcut:
-            nn.init.zeros_(self.bn3.weight)
+            nn.init.zeros_(self.bn3.weight if hasattr(self.bn3, "weight") else self.conv3.weight)
 
     def forward_shortcut(self, x: torch.Tensor) -> torch.Tensor:
         """The block with its residual branch deleted (a lesion, Veit et al. 2016)."""
@@ -209,7 +211,7 @@ class ResNet(ClassifierModel):
             check_positive("blocks per stage", n)
         self.num_classes = check_positive("num_classes", num_classes)
         self.in_chans = check_positive("in_chans", in_chans)
-        norm_layer = norm_layer or nn.BatchNorm2d
+        norm_layer = resolve_norm(norm_layer)
         act_layer = act_layer or nn.ReLU
         self.drop_rate = drop_rate
         stem_width = stem_width or widths[0]

@@ -14,7 +14,7 @@ import torch.nn as nn
 
 from ..errors import ConfigError
 from ._registry import PaperFigures, register_model
-from .layers import ActLayer, ClassifierModel, NormLayer, check_positive, init_weights, make_act
+from .layers import ActLayer, ClassifierModel, NormLayer, check_positive, init_weights, make_act, resolve_norm
 
 # Stage widths and convolutions per stage for each depth ("M" ends a stage with a 2x2 max-pool).
 _CONFIGS = {
@@ -45,7 +45,7 @@ class VGG(ClassifierModel):
             raise ConfigError(f"VGG head must be one of {', '.join(heads)}; got {head!r}")
         self.num_classes = check_positive("num_classes", num_classes)
         self.in_chans = check_positive("in_chans", in_chans)
-        norm_layer = norm_layer or nn.BatchNorm2d
+        norm_layer = resolve_norm(norm_layer)
         act_layer = act_layer or nn.ReLU
 
         layers: list[nn.Module] = []

@@ -13,27 +13,17 @@ Claims (training error of the final model, eval mode, on its training images):
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from ..errors import ConfigError
-from .spec import RunSpec, StudyConfig, StudySpec, register_study, run_config
+from .spec import QUICK_CPU, RunSpec, StudyConfig, StudySpec, register_study, run_config
 from .stats import Claim
 
 KINDS = {"plain": "cifar_plain", "resnet": "cifar_resnet"}  # plain twin, residual net
 NAMES = {"plain": "plain", "resnet": "ResNet"}
 
 PRESETS: dict[str, dict[str, Any]] = {
-    # For a 2-core CPU, sized so that three seeds of depths 20 and 56 (twelve runs) decide claims
-    # 1 and 2 within 15 minutes of a fresh clone in fp32 on the AVX2 machine: one-cycle over
-    # 10 epochs of a seeded 1,000-image subset (150 steps of 64). Plain-56 stays far behind while
-    # the other three fit. With 8 epochs (120 steps) ResNet-56 was still 10 points behind
-    # ResNet-20; with batch 32 and lr 0.05 (310 steps) plain-56 caught up enough that three seeds
-    # no longer decided claim 2. Evaluation is made cheap: the eval-mode training error of 1,000
-    # images, 500 validation images per epoch, the test error on a fixed 2,000-image subset, in
-    # batches of 100 (twice as fast as 1,000 for the 56-layer nets on a CPU).
-    "quick": dict(recipe="quick", epochs=10, batch_size=64, lr=0.1, schedule="onecycle", warmup=0.3,
-                  label_smoothing=0.0, weight_decay=1e-4, tta_flip=False, min_scale=1.0, train_subset=1000,
-                  val_size=500, test_subset=2000, eval_batch_size=100, curve_every=5),
+    "quick": dict(QUICK_CPU),
     # He et al. 2015, Sec. 4.2 (for users with a GPU and CIFAR-10): depths 20/32/44/56/110.
     "paper": dict(recipe="resnet-cifar-paper", curve_every=100),
 }
@@ -66,7 +56,7 @@ def runs(study: StudyConfig) -> list[RunSpec]:
     return out
 
 
-def claims(study: StudyConfig) -> list[Claim]:
+def claims(study: StudyConfig, table: Optional[list[dict[str, Any]]] = None) -> list[Claim]:
     depths, _ = _options(study)
     lo, hi = depths[0], depths[-1]
     p_lo, p_hi, r_lo, r_hi = (group_name(k, d) for k, d in (("plain", lo), ("plain", hi), ("resnet", lo), ("resnet", hi)))

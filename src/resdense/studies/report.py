@@ -68,6 +68,7 @@ def collect_rows(spec: StudySpec, study: StudyConfig) -> list[dict[str, Any]]:
             "test_error": summary["test_error_last"], "test_error_best": summary.get("test_error_best"),
             "test_images": summary.get("test_images"), "wall_time": summary["wall_time"],
             "images_per_s": summary.get("images_per_s"), "steps": summary.get("steps"),
+            "params": summary.get("params"), "macs": summary.get("macs"),
             "curve": _read_jsonl(run_dir / "curve.jsonl"),
             "epochs": [{k: m[k] for k in ("step", "train_error", "val_error")} for m in metrics],
             "config": summary["config"],
@@ -83,7 +84,9 @@ def group_table(spec: StudySpec, rows: list[dict[str, Any]]) -> list[dict[str, A
     table = []
     for group, rs in groups.items():
         entry = {"group": group, **{k: rs[0][k] for k in spec.label_columns}, "seeds": len(rs),
-                 "wall_time": statistics.fmean(r["wall_time"] for r in rs)}
+                 "wall_time": statistics.fmean(r["wall_time"] for r in rs),
+                 # The same model in every seed: its size and cost per image (None for runs of 0.1).
+                 "params": rs[0].get("params"), "macs": rs[0].get("macs")}
         for key in METRICS:
             values = [r[key] for r in rs if r.get(key) is not None]
             entry[key] = statistics.fmean(values) if values else None
@@ -104,13 +107,13 @@ def _values(rows: list[dict[str, Any]]) -> dict[str, dict[str, dict[int, float]]
 
 def verdicts(spec: StudySpec, study: StudyConfig, rows: list[dict[str, Any]]) -> list[Verdict]:
     """The decisions of the claims this preset tests."""
-    return decide_all([c for c in spec.claims(study) if c.tested], _values(rows))
+    return decide_all([c for c in spec.claims(study, group_table(spec, rows)) if c.tested], _values(rows))
 
 
 def measurements(spec: StudySpec, study: StudyConfig, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The contrasts of the claims this preset cannot test: measured, not decided."""
     values = _values(rows)
-    return [measure(c, values.get(c.metric, {})) for c in spec.claims(study) if not c.tested]
+    return [measure(c, values.get(c.metric, {})) for c in spec.claims(study, group_table(spec, rows)) if not c.tested]
 
 
 def verdict_text(vs: list[Verdict]) -> str:
@@ -130,19 +133,32 @@ def _pct(mean: Any, std: float, seeds: int) -> str:
     return f"{100 * mean:.2f} ± {100 * std:.2f}" if seeds > 1 else f"{100 * mean:.2f}"
 
 
+def count_text(n: Any, unit: str = "") -> str:
+    """1234567 -> '1.23M' (parameters, MACs); '–' when unknown."""
+    if n is None:
+        return "–"
+    for div, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if n >= div:
+            return f"{n / div:.3g}{suffix}{unit}"
+    return f"{n}{unit}"
+
+
 def _table_rows(spec: StudySpec, table: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
-    header = [*spec.label_columns, "seeds", "train error % (eval)", "running train error %", "val error %",
-              "test error %", "wall s / run"]
-    body = [[str(t[c]) for c in spec.label_columns] + [str(t["seeds"])]
+    header = [*spec.label_columns, "params", "MACs / image", "seeds", "train error % (eval)", "running train error %",
+              "val error %", "test error %", "wall s / run"]
+    body = [[str(t[c]) for c in spec.label_columns] + [count_text(t.get("params")), count_text(t.get("macs")),
+                                                       str(t["seeds"])]
             + [_pct(t[k], t[k + "_std"], t["seeds"]) for k in METRICS] + [f"{t['wall_time']:.0f}"] for t in table]
     return header, body
 
 
 def _verdict_rows(vs: list[Verdict]) -> tuple[list[str], list[list[str]]]:
-    header = ["claim", "difference (points)", "± stderr", f"{int(CONFIDENCE * 100)}% interval", "seeds", "decision"]
+    header = ["claim", "metric", "difference (points)", "± stderr", f"{int(CONFIDENCE * 100)}% interval", "seeds",
+              "decision"]
     body = []
     for v in vs:
         body.append([f"{v.text} [{v.contrast} {v.predicted}]" + ("" if v.headline else " (reported, not in the verdict)"),
+                     METRIC_SHORT.get(v.metric, v.metric),
                      "–" if v.difference is None else f"{v.difference:+.2f}",
                      "–" if v.stderr is None else f"{v.stderr:.2f}",
                      "–" if v.ci_low is None else f"[{v.ci_low:+.2f}, {v.ci_high:+.2f}]",
@@ -168,13 +184,18 @@ def _html_table(header: list[str], body: list[list[str]], cls: str) -> str:
     return f"<table class='{cls}'><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>"
 
 
-RULE = ("Decision rule: each claim is a difference of group means of the final training error (eval mode, "
-        "training images), in points of percent, predicted to be > 0 or < 0. Runs of one seed share their data, so "
-        "the difference is taken per seed; its standard error is the between-seed standard deviation over √seeds "
+METRIC_SHORT = {"train_error": "train error (eval)", "running_train_error": "running train error",
+                "val_error": "val error", "test_error": "test error"}
+
+RULE = ("Decision rule: each claim is a difference of group means of its metric (the table's metric column: the "
+        "final model's training error in eval mode on its training images, or its test error), in points of "
+        "percent, predicted to lie above or below a threshold: 0, or the margin the claim names (a claim such as "
+        "'at most 1 point worse' is a difference predicted < +1). Runs of one seed share their data, so the "
+        "difference is taken per seed; its standard error is the between-seed standard deviation over √seeds "
         "(Welch's, over independent groups, where the seeds differ). Each claim is a one-sided t test at the 5% "
-        "level, i.e. the 90% two-sided Student-t interval decides: *reproduced* when it excludes 0 on the predicted "
-        "side, *not reproduced* when it excludes 0 on the other side, *inconclusive* when it contains 0. One seed "
-        "is always inconclusive.")
+        "level, i.e. the 90% two-sided Student-t interval decides: *reproduced* when it lies wholly on the predicted "
+        "side of the threshold, *not reproduced* when it lies wholly on the other side, *inconclusive* when it "
+        "contains the threshold. One seed is always inconclusive.")
 
 
 def _setup(spec: StudySpec, study: StudyConfig, rows: list[dict[str, Any]]) -> str:
@@ -216,6 +237,9 @@ def build_report(study_dir: str | Path) -> dict[str, Any]:
     notes = [measured_line(m) for m in measured]
     md = [f"# {spec.title}", "", f"**Verdict.** {text}", "", *_md_table(vh, vb), "", *[f"*Measured, not decided:* {n}"
           for n in notes], "", RULE, "", f"Setup: {setup}.", "", *_md_table(th, tb), ""]
+    extras = spec.extra_tables(study, rows, table) if spec.extra_tables else []
+    for title, header, body_rows in extras:
+        md += [f"**{title}**", "", *_md_table(header, body_rows), ""]
     for name, caption in figures:
         md += [f"![{caption}]({name})", "", f"*{caption}*", ""]
     md.append(f"Regenerate with `resdense report {out}`.")
@@ -225,6 +249,8 @@ def build_report(study_dir: str | Path) -> dict[str, Any]:
             _html_table(vh, vb, "verdicts"), *[f"<p><em>Measured, not decided:</em> {html.escape(n)}</p>" for n in notes],
             f"<p>{html.escape(RULE)}</p>", f"<p>Setup: {html.escape(setup)}.</p>",
             _html_table(th, tb, "groups")]
+    for title, header, body_rows in extras:
+        body += [f"<p><strong>{html.escape(title)}</strong></p>", _html_table(header, body_rows, "extra")]
     for name, caption in figures:
         data = base64.b64encode((out / name).read_bytes()).decode()
         body.append(f"<figure><img src='data:image/png;base64,{data}' alt='{html.escape(name)}' style='max-width:100%'>"

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from types import MappingProxyType
+from typing import Any, Callable, Mapping, Optional
 
 from ..errors import ConfigError
 from ..train.config import TrainConfig, apply_overrides
@@ -21,6 +22,26 @@ METRICS = ("train_error", "running_train_error", "val_error", "test_error")
 METRIC_NAMES = {"train_error": "training error (final model, eval mode, training images)",
                 "running_train_error": "running training error of the last epoch (augmented, weights moving)",
                 "val_error": "validation error (final model)", "test_error": "test error (final model)"}
+
+
+# Every study's `quick` preset: for a 2-core CPU. Sized on the degradation study so that three
+# seeds of depths 20 and 56 (twelve runs) decide its claims within 15 minutes of a fresh clone in
+# fp32 on the AVX2 machine: one-cycle over 10 epochs of a seeded 1,000-image subset (150 steps of
+# 64). Plain-56 stays far behind while the other three fit. With 8 epochs (120 steps) ResNet-56
+# was still 10 points behind ResNet-20; with batch 32 and lr 0.05 (310 steps) plain-56 caught up
+# enough that three seeds no longer decided the shortcuts claim. Evaluation is made cheap: the
+# eval-mode training error of 1,000 images, 500 validation images per epoch, the test error on a
+# fixed 2,000-image subset, in batches of 100 (twice as fast as 1,000 for the 56-layer nets on a
+# CPU). The other studies choose their nets and depths to fit the same budget.
+QUICK_CPU: Mapping[str, Any] = MappingProxyType(dict(
+    recipe="quick", epochs=10, batch_size=64, lr=0.1, schedule="onecycle", warmup=0.3, label_smoothing=0.0,
+    weight_decay=1e-4, tta_flip=False, min_scale=1.0, train_subset=1000, val_size=500, test_subset=2000,
+    eval_batch_size=100, curve_every=5))
+
+# The `smoke` presets: the quick recipe cut to seconds, to check a study end to end (tests, a
+# new machine); they decide nothing worth reading.
+SMOKE: Mapping[str, Any] = MappingProxyType(dict(epochs=2, train_subset=256, val_size=200, test_subset=400,
+                                                 eval_batch_size=200, curve_every=2))
 
 
 @dataclass
@@ -63,12 +84,18 @@ class StudySpec:
     summary: str                                            # one line, for `resdense study list`
     presets: dict[str, dict[str, Any]]                      # preset -> TrainConfig settings (+ "recipe")
     runs: Callable[[StudyConfig], list[RunSpec]]
-    claims: Callable[[StudyConfig], list[Claim]]
+    # The claims, given the group table (mean ± std per group) once there are results: a claim
+    # may name a group chosen by the results (efficiency: "the best ResNet"). Without a table
+    # (``study list``) such a claim is described by its rule.
+    claims: Callable[[StudyConfig, Optional[list[dict[str, Any]]]], list[Claim]]
     figures: Callable[[list[dict[str, Any]], list[dict[str, Any]], Path], list[tuple[str, str]]]
     group_order: Callable[[dict[str, Any]], Any]            # sort key of a table entry (its labels)
     label_columns: tuple[str, ...] = ()                     # labels shown in the table
     setup_note: str = ""                                    # what the report says about the setup
     default_options: dict[str, Any] = field(default_factory=dict)
+    # More tables for the report: (title, header, rows) from the study, its rows and group table.
+    extra_tables: Optional[Callable[[StudyConfig, list[dict[str, Any]], list[dict[str, Any]]],
+                                    list[tuple[str, list[str], list[list[str]]]]]] = None
 
 
 STUDIES: dict[str, StudySpec] = {}

@@ -65,6 +65,13 @@ class Claim:
     # iterations, at a 150-step preset): the contrast is measured and reported, never decided.
     tested: bool = True
     untested_reason: str = ""
+    # The threshold the contrast is predicted to clear, in points (0: a plain sign). A margin
+    # makes a non-inferiority claim: "B is at most 1 point worse than A" is ``B − A < +1``.
+    margin: float = 0.0
+
+    @property
+    def predicted(self) -> str:
+        return f"{'>' if self.sign > 0 else '<'} {self.margin:+g}" if self.margin else ("> 0" if self.sign > 0 else "< 0")
 
     @property
     def contrast(self) -> str:
@@ -108,7 +115,8 @@ def _fmt(x: float) -> str:
 
 def decide(claim: Claim, values: Mapping[str, Mapping[int, float]], scale: float = 100.0) -> Verdict:
     """Decide ``claim`` from ``values[group][seed]`` (fractions; reported ×``scale``, i.e. points)."""
-    predicted = "> 0" if claim.sign > 0 else "< 0"
+    predicted = claim.predicted
+    m = claim.margin
     base = dict(claim=claim.id, text=claim.text, contrast=claim.contrast, metric=claim.metric,
                 predicted=predicted, headline=claim.headline)
     missing = [g for g, _ in claim.terms if not values.get(g)]
@@ -150,24 +158,25 @@ def decide(claim: Claim, values: Mapping[str, Mapping[int, float]], scale: float
                        reason="no spread between seeds (identical runs?): the uncertainty cannot be estimated")
     half = t_quantile(df) * se
     lo, hi = diff - half, diff + half
-    on_side = (lo > 0) if claim.sign > 0 else (hi < 0)
-    against = (hi < 0) if claim.sign > 0 else (lo > 0)
+    on_side = (lo > m) if claim.sign > 0 else (hi < m)
+    against = (hi < m) if claim.sign > 0 else (lo > m)
     interval = f"90% interval [{_fmt(lo)}, {_fmt(hi)}]"
+    mark = f"{m:+g}" if m else "0"
     if on_side:
-        decision, reason = "reproduced", f"{interval} excludes 0 on the predicted side ({predicted})"
+        decision, reason = "reproduced", f"{interval} excludes {mark} on the predicted side ({predicted})"
     elif against:
-        decision, reason = "not_reproduced", f"{interval} excludes 0 on the other side: the data contradict {predicted}"
+        decision, reason = "not_reproduced", f"{interval} excludes {mark} on the other side: the data contradict {predicted}"
     else:
-        decision, reason = "inconclusive", f"{interval} includes 0: {budget_hint(diff, se, n)}"
+        decision, reason = "inconclusive", f"{interval} includes {mark}: {budget_hint(diff - m, se, n)}"
     return Verdict(**base, difference=diff, stderr=se, n_seeds=n, df=df, ci_low=lo, ci_high=hi, method=method,
                    decision=decision, reason=reason, per_seed=per_seed)
 
 
 def budget_hint(diff: float, se: float, n: int) -> str:
-    """What budget would decide a contrast of this size and spread: the seeds it would take at
-    this spread (the standard error shrinks as 1/sqrt(seeds))."""
+    """What budget would decide a contrast ``diff`` away from its threshold at this spread: the
+    seeds it would take (the standard error shrinks as 1/sqrt(seeds))."""
     if abs(diff) < 1e-9:
-        return "the difference is zero at this budget; a longer training budget (more steps, --preset paper) is needed"
+        return "the difference sits on its threshold at this budget; a longer training budget (more steps, --preset paper) is needed"
     for need in range(n + 1, 1000):
         if t_quantile(need - 1) * se * math.sqrt(n / need) < abs(diff):
             return (f"at this spread about {need} seeds would decide a difference of {abs(diff):.2f} points, "

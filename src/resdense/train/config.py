@@ -40,6 +40,7 @@ class TrainConfig:
     weight_decay: float = 1e-4
     decay_norm_and_bias: bool = True        # the papers decay every parameter
     label_smoothing: float = 0.0
+    grad_clip: Optional[float] = None       # clip the gradient's global L2 norm to this before each step
     # learning-rate schedule (a pure function of the step; see schedule.py)
     schedule: str = "step"                  # step | cosine | onecycle
     milestones: list[float] = field(default_factory=list)  # >= 1: iterations; < 1: fractions of the run
@@ -205,6 +206,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         (cfg.image_size is None or cfg.image_size > 0, f"--image-size must be positive; got {cfg.image_size}"),
         (cfg.bad_images in ("error", "skip"), f"--bad-images must be error or skip; got {cfg.bad_images!r}"),
         (cfg.short_run_steps >= 0 and cfg.min_steps >= 0, "short_run_steps and min_steps must be >= 0"),
+        (cfg.grad_clip is None or cfg.grad_clip > 0, f"grad_clip must be positive; got {cfg.grad_clip}"),
         (cfg.backbone_lr_factor >= 0, f"--backbone-lr-factor must be >= 0; got {cfg.backbone_lr_factor}"),
     ]
     for ok, message in checks:

@@ -82,6 +82,7 @@ def train_one_epoch(
     grad_hook: Optional[Callable[[nn.Module, int], None]] = None,
     curve: Optional[list[dict[str, float]]] = None,
     curve_every: int = 50,
+    grad_clip: Optional[float] = None,
     start: Optional[EpochProgress] = None,
     should_stop: Optional[Callable[[], bool]] = None,
 ) -> dict[str, Any]:
@@ -90,7 +91,8 @@ def train_one_epoch(
     The learning rate of step ``s`` is ``schedule(s)``, or ``warmup_lr`` while
     ``state.warmup_done`` is False; the warm-up ends after the first step whose running
     training error is below ``warmup_until_error``. With ``curve``, appends the training loss
-    and error of every ``curve_every`` steps (the fine-grained curves of the papers' figures).
+    and error of every ``curve_every`` steps (the fine-grained curves of the papers' figures) and
+    the global L2 norm of that step's gradient (before clipping). ``grad_clip`` clips that norm.
 
     ``start``: the progress of an epoch resumed inside it (the loader already skips its trained
     batches). ``should_stop`` is asked after every step; when it says so the epoch ends there.
@@ -120,6 +122,15 @@ def train_one_epoch(
         loss.backward()
         if grad_hook is not None:
             grad_hook(model, state.step)
+        at_curve_point = curve is not None and (state.step + 1) % curve_every == 0
+        grad_norm = None
+        if grad_clip is not None:
+            grad_norm = nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        elif at_curve_point:
+            # One norm every curve_every steps: cheap next to the step, and what the remedies
+            # study draws (vanishing or exploding gradients over training).
+            grads = [p.grad for p in model.parameters() if p.grad is not None]
+            grad_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
         optimizer.step()
         n = y.shape[0]
         batch_wrong = (logits.detach().argmax(1) != y).sum()
@@ -134,7 +145,8 @@ def train_one_epoch(
             interval[2] += n
             if state.step % curve_every == 0:
                 curve.append({"step": state.step, "train_loss": interval[0] / interval[2],
-                              "train_error": interval[1] / interval[2], "lr": lr})
+                              "train_error": interval[1] / interval[2], "lr": lr,
+                              "grad_norm": float(grad_norm) if grad_norm is not None else None})
                 interval = [0.0, 0, 0]
         if not state.warmup_done and warmup_until_error is not None and wrong.item() / seen < warmup_until_error:
             state.warmup_done = True

@@ -365,7 +365,8 @@ def _train_locked(cfg: TrainConfig, run_dir: Path, resume: bool, flag_overrides:
                     ctx.train_model, ctx.train_loader, ctx.optimizer, schedule, state, device=ctx.device,
                     amp_dtype=ctx.amp_dtype, label_smoothing=cfg.label_smoothing, max_steps=ctx.total_steps,
                     warmup_lr=ctx.warmup_lr, warmup_until_error=cfg.warmup_until_error, progress=bar,
-                    curve=curve, curve_every=cfg.curve_every, start=progress, should_stop=should_stop)
+                    curve=curve, curve_every=cfg.curve_every, grad_clip=cfg.grad_clip, start=progress,
+                    should_stop=should_stop)
                 progress = stats["progress"]
                 if not stats["stopped"] or progress.batch >= steps_per_epoch or state.step >= ctx.total_steps:
                     break
@@ -490,6 +491,10 @@ def final_evaluation(ctx: RunContext, run_dir: Path, history: list[dict[str, Any
                                "images_per_s": statistics.fmean(r["images_per_s"] for r in history) if history else 0.0,
                                "config": cfg.to_dict()}
     if is_main_process():
+        # Size and cost of the trained model at this run's image size (studies plot error against them).
+        from ..analysis.complexity import profile
+
+        summary["params"], summary["macs"], _ = profile(ctx.model, (ctx.splits.in_chans, *ctx.splits.image_size))
         if cfg.eval_train:
             # The papers' "training error": the final model in eval mode on its training images,
             # unaugmented, after the last step (the running error above averages moving weights).

@@ -1,0 +1,165 @@
+"""The efficiency study (Huang et al. 2017, Fig. 4 and Table 2; He et al. 2015, Sec. 4.1
+bottlenecks): DenseNet-BC (k=12) at several depths beside basic and bottleneck ResNets, on the
+same data, recipe and seeds; test error against parameters, multiply-adds and wall time.
+
+Claims (test error of the final model, in points):
+
+1. *parameters* — the DenseNet-BC with the most parameters still below the best ResNet's (the
+   ResNet with the lowest mean test error) reaches that ResNet's error: DenseNet − ResNet <
+   margin. N, the ratio of their parameter counts, is in the claim's sentence.
+2. *multiply-adds* — the same with MACs per image.
+3. *bottleneck* — a bottleneck ResNet is at most 1 point worse than the basic ResNet of the same
+   depth, with fewer parameters (the 1x1 convolutions' purpose).
+
+The best ResNet is chosen by the results, which makes claims 1 and 2 harder for DenseNet, not
+easier. Wall time is reported, not claimed: on a CPU a DenseNet's concatenations and many thin
+layers cost more time per multiply-add than a ResNet's convolutions.
+"""
+
+from __future__ import annotations
+
+from operator import itemgetter
+from pathlib import Path
+from typing import Any, Optional
+
+from ..errors import ConfigError
+from .spec import QUICK_CPU, SMOKE, RunSpec, StudyConfig, StudySpec, register_study, run_config
+from .stats import Claim
+
+# (family, depth) per preset. Depths: DenseNet-BC 6n+4, basic ResNets 6n+2, bottlenecks 9n+2;
+# 20 and 110 are both of the last two, so basic and bottleneck meet at equal depth there.
+MODELS: dict[str, tuple[tuple[str, int], ...]] = {
+    # Sized so that three seeds decide within about 15 minutes on a 2-core AVX2 CPU in fp32: a
+    # DenseNet-BC-40 step costs as much as four ResNet-20 steps there.
+    "quick": (("densenet-bc", 22), ("densenet-bc", 40), ("resnet", 20), ("resnet", 32), ("resnet-bottleneck", 20)),
+    # A seconds-long check that the study runs end to end (its claims mean nothing at this size).
+    "smoke": (("densenet-bc", 10), ("densenet-bc", 16), ("resnet", 8), ("resnet", 20), ("resnet-bottleneck", 20)),
+    # DenseNet paper, Table 2 (C10+): DenseNet-BC-100 k=12 against ResNet-110 (and its bottleneck twin).
+    "paper": (("densenet-bc", 40), ("densenet-bc", 100), ("resnet", 110), ("resnet-bottleneck", 110)),
+}
+FAMILIES = {  # family -> (model builder, its kwargs besides depth)
+    "densenet-bc": ("cifar_densenet", {"growth_rate": 12, "bc": True}),
+    "resnet": ("cifar_resnet", {}),
+    "resnet-bottleneck": ("cifar_resnet", {"bottleneck": True}),
+}
+FAMILY_ORDER = tuple(FAMILIES)
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "quick": dict(QUICK_CPU),
+    "smoke": dict(QUICK_CPU, **SMOKE),
+    # One recipe for every net, as the claim needs: the DenseNet paper's (300 epochs, batch 64).
+    "paper": dict(recipe="densenet-cifar-paper", curve_every=100),
+}
+
+# The DenseNet paper's C10+ rows (Table 2), shown beside the measured ones.
+PAPER_ROWS = (("DenseNet-BC (L=100, k=12)", 0.8e6, 4.51), ("ResNet-110", 1.7e6, 6.41),
+              ("pre-activation ResNet-1001", 10.2e6, 4.62))
+BOTTLENECK_MARGIN = 1.0  # points: "without degrading performance much"
+
+
+def group_name(family: str, depth: int) -> str:
+    return f"{family}-{depth}"
+
+
+def _models(study: StudyConfig) -> tuple[tuple[str, int], ...]:
+    if study.preset not in MODELS:
+        raise ConfigError(f"unknown preset {study.preset!r} for study efficiency; choose one of {', '.join(MODELS)}")
+    return MODELS[study.preset]
+
+
+def runs(study: StudyConfig) -> list[RunSpec]:
+    """Every (model, seed), seed-major so that a study stopped early has complete seeds."""
+    out = []
+    for seed in study.seeds:
+        for family, depth in _models(study):
+            model, kwargs = FAMILIES[family]
+            name = f"{group_name(family, depth)}-seed{seed}"
+            cfg = run_config(study, SPEC, name, model, {"depth": depth, **kwargs}, seed)
+            out.append(RunSpec(name, group_name(family, depth), seed, {"family": family, "depth": depth}, cfg))
+    return out
+
+
+def _ratio(big: Optional[float], small: Optional[float]) -> str:
+    return f"{big / small:.1f}×" if big and small else "N×"
+
+
+def _pick(table: list[dict[str, Any]], key: str) -> tuple[Optional[dict[str, Any]], Optional[dict[str, Any]]]:
+    """(the best ResNet, the DenseNet-BC with the most ``key`` below it; the cheapest one if none is)."""
+    resnets = [t for t in table if t["family"] != "densenet-bc" and t.get("test_error") is not None]
+    dense = [t for t in table if t["family"] == "densenet-bc" and t.get(key)]
+    if not resnets or not dense:
+        return None, None
+    best = min(resnets, key=itemgetter("test_error"))
+    below = [t for t in dense if best.get(key) and t[key] < best[key]]
+    return best, (max(below, key=itemgetter(key)) if below else min(dense, key=itemgetter(key)))
+
+
+def claims(study: StudyConfig, table: Optional[list[dict[str, Any]]] = None) -> list[Claim]:
+    margin = float(study.options.get("margin", 0.5))
+    out = []
+    for key, what in (("params", "parameters"), ("macs", "multiply-adds")):
+        best, dense = _pick(table or [], key)
+        if best is None or dense is None:
+            # No results yet (`study list`): the claim by its rule.
+            out.append(Claim(key, f"DenseNet-BC reaches the test error of the best ResNet with N× fewer {what}",
+                             (("densenet-bc", 1.0), ("best resnet", -1.0)), sign=-1, metric="test_error",
+                             margin=margin, label="DenseNet-BC − best ResNet"))
+            continue
+        out.append(Claim(
+            key, f"DenseNet-BC-{dense['depth']} reaches the test error of the best ResNet ({best['group']}) with "
+                 f"{_ratio(best[key], dense[key])} fewer {what} ({_count(dense[key])} vs {_count(best[key])}), "
+                 f"at most {margin:g} point{'s' if margin != 1 else ''} worse",
+            ((dense["group"], 1.0), (best["group"], -1.0)), sign=-1, metric="test_error", margin=margin))
+    pairs = sorted({d for f, d in _models(study) if f == "resnet"} & {d for f, d in _models(study) if f == "resnet-bottleneck"})
+    for depth in pairs:
+        basic, bottle = group_name("resnet", depth), group_name("resnet-bottleneck", depth)
+        out.append(Claim(
+            f"bottleneck_{depth}", f"Bottleneck blocks cut parameters without degrading much: bottleneck ResNet-{depth} "
+                                   f"is at most {BOTTLENECK_MARGIN:g} point worse than basic ResNet-{depth}",
+            ((bottle, 1.0), (basic, -1.0)), sign=-1, metric="test_error", margin=BOTTLENECK_MARGIN))
+    return out
+
+
+def _count(n: Optional[float]) -> str:
+    from .report import count_text
+
+    return count_text(n)
+
+
+def extra_tables(study: StudyConfig, rows: list[dict[str, Any]], table: list[dict[str, Any]]) -> list[tuple[str, list[str], list[list[str]]]]:
+    """Cost on this machine (honest where DenseNet loses), and the paper's rows."""
+    cost = []
+    for t in table:
+        ips = [r["images_per_s"] for r in rows if r["group"] == t["group"] and r.get("images_per_s")]
+        err = "–" if t.get("test_error") is None else f"{100 * t['test_error']:.2f}"
+        cost.append([t["group"], _count(t.get("params")), _count(t.get("macs")), err, f"{t['wall_time']:.0f}",
+                     f"{sum(ips) / len(ips):.0f}" if ips else "–"])
+    tables = [("Cost on this machine (wall time per run includes evaluation)",
+               ["group", "params", "MACs / image", "test error %", "wall s / run", "training images/s"], cost)]
+    tables.append(("The DenseNet paper's CIFAR-10+ rows (Huang et al. 2017, Table 2), for comparison with the paper "
+                   "preset on CIFAR-10", ["model", "params", "C10+ test error %"],
+                   [[name, _count(p), f"{e:.2f}"] for name, p, e in PAPER_ROWS]))
+    return tables
+
+
+def figures(rows: list[dict[str, Any]], table: list[dict[str, Any]], out: Path) -> list[tuple[str, str]]:
+    from .figures import plot_efficiency
+
+    if not any(t.get("params") for t in table):
+        return []
+    plot_efficiency(table, out / "efficiency.png")
+    return [("efficiency.png", "Test error (mean ± std over seeds) against parameters, multiply-adds per image "
+                               "(after Huang et al. 2017, Fig. 4) and wall time per run on this machine, all on log "
+                               "axes; labels are depths.")]
+
+
+def _order(entry: dict[str, Any]) -> Any:
+    return FAMILY_ORDER.index(entry["family"]), entry["depth"]
+
+
+SPEC = register_study(StudySpec(
+    name="efficiency", title="Efficiency study: DenseNet-BC and ResNets by parameters, multiply-adds and time",
+    summary="DenseNet-BC vs basic and bottleneck ResNets: error per parameter, MAC and second (DenseNet paper, Fig. 4)",
+    presets=PRESETS, runs=runs, claims=claims, figures=figures, group_order=_order,
+    label_columns=("family", "depth"), default_options={"margin": 0.5},
+    setup_note="non-inferiority margin {margin} points for the DenseNet claims", extra_tables=extra_tables))
