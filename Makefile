@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 FMNIST := /usr/share/datasets/fashion-mnist
 
-.PHONY: setup data demo test bench clean
+.PHONY: setup data browser demo test bench clean
 
 setup: $(VENV)/.installed
 
@@ -26,10 +26,22 @@ data:
 	  echo "Fashion-MNIST: $(FMNIST)"; \
 	fi
 
+# Debian's chromium, for the tests that render the reports in a headless browser. Not fatal:
+# without it those tests skip and say why.
+browser:
+	@if command -v chromium >/dev/null 2>&1; then echo "chromium: $$(command -v chromium)"; \
+	else \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  { $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null 2>&1 \
+	    || { $$SUDO apt-get update -q >/dev/null 2>&1 && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null 2>&1; }; } \
+	    && echo "chromium: $$(command -v chromium)" \
+	    || echo "could not install chromium (apt-get); the report rendering tests will skip"; \
+	fi
+
 demo: setup
 	$(BIN)/resdense info resnet56
 
-test: setup data
+test: setup data browser
 	$(BIN)/python -m pytest -q
 
 bench: setup data

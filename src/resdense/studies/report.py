@@ -211,6 +211,35 @@ def _setup(spec: StudySpec, study: StudyConfig, rows: list[dict[str, Any]]) -> s
             + (f"; {note}" if note else ""))
 
 
+PAGE_STYLE = ("body{font-family:sans-serif;line-height:1.4;max-width:1100px;margin:auto;padding:0 1em}h1{line-height:1.2}"
+              "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #999;padding:4px 8px}"
+              "td{font-variant-numeric:tabular-nums}figure{margin:1.5em 0}figure img{max-width:100%;height:auto}")
+
+# Run once the page has loaded; it changes nothing on screen and fetches nothing. It writes on
+# <body> how many figures decoded (data-images-loaded of data-images) and, for each table with
+# a class (named by its first class), whether it is laid out visibly (data-table-CLASS="visible",
+# data-table-CLASS-top in px), and whether the page is wider than the window (data-hscroll), so
+# a headless browser's --dump-dom shows a test what a reader would see (tests/test_render.py).
+PAGE_CHECK = (
+    "addEventListener('load',function(){var b=document.body,d=document.documentElement,n=0,"
+    "im=document.images;for(var i=0;i<im.length;i++)if(im[i].complete&&im[i].naturalWidth>0)n++;"
+    "b.setAttribute('data-images',im.length);b.setAttribute('data-images-loaded',n);"
+    "var ts=document.querySelectorAll('table[class]');for(var j=0;j<ts.length;j++){var t=ts[j],c=t.classList[0],"
+    "r=t.getBoundingClientRect(),s=getComputedStyle(t),top=r.top+scrollY,v=r.width>0&&r.height>0&&"
+    "top>=0&&r.left+scrollX>=0&&top<d.scrollHeight&&s.display!='none'&&s.visibility=='visible'&&"
+    "(!t.checkVisibility||t.checkVisibility({opacityProperty:true,visibilityProperty:true}));"
+    "if(c){b.setAttribute('data-table-'+c,v?'visible':'hidden');"
+    "b.setAttribute('data-table-'+c+'-top',Math.round(top))}}"
+    "b.setAttribute('data-hscroll',d.scrollWidth>d.clientWidth?'yes':'no');b.setAttribute('data-checked','yes')})")
+
+
+def html_page(title: str, body: str) -> str:
+    """A report page: the shared style, the body, and the load check above."""
+    return (f"<!doctype html><html><head><meta charset='utf-8'>"
+            f"<meta name='viewport' content='width=device-width,initial-scale=1'><title>{html.escape(title)}</title>"
+            f"<style>{PAGE_STYLE}</style></head><body>{body}<script>{PAGE_CHECK}</script></body></html>")
+
+
 def build_report(study_dir: str | Path) -> dict[str, Any]:
     """(Re)draw every figure and write results.jsonl, table.json, report.md and report.html."""
     out = Path(study_dir)
@@ -255,11 +284,7 @@ def build_report(study_dir: str | Path) -> dict[str, Any]:
         data = base64.b64encode((out / name).read_bytes()).decode()
         body.append(f"<figure><img src='data:image/png;base64,{data}' alt='{html.escape(name)}' style='max-width:100%'>"
                     f"<figcaption>{html.escape(caption)}</figcaption></figure>")
-    style = ("body{font-family:sans-serif;max-width:1100px;margin:auto}table{border-collapse:collapse;margin:1em 0}"
-             "td,th{border:1px solid #999;padding:4px 8px}")
-    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>resdense {spec.name} study</title>"
-            f"<style>{style}</style></head><body>" + "\n".join(body) + "</body></html>")
-    atomic_write_text(out / "report.html", page)
+    atomic_write_text(out / "report.html", html_page(f"resdense {spec.name} study", "\n".join(body)))
     return {"study": spec.name, "table": table, "verdicts": vs, "measured": measured, "verdict_text": text,
             "lines": [summary_line(v) for v in vs], "figures": [str(out / n) for n, _ in figures]}
 
@@ -294,11 +319,8 @@ def build_index(folder: str | Path) -> dict[str, Any]:
             rows_html.append("<tr>" + f"<td>{html.escape(e['title'])}</td>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells)
                              + f"<td><a href='{html.escape(link)}'>{html.escape(e['dir'])}</a></td></tr>")
     atomic_write_text(root / "index.md", "\n".join(md) + "\n")
-    style = ("body{font-family:sans-serif;max-width:1100px;margin:auto}table{border-collapse:collapse}"
-             "td,th{border:1px solid #999;padding:4px 8px}")
-    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>resdense studies</title><style>{style}</style>"
-            "</head><body><h1>resdense studies</h1><table class='index'><thead><tr><th>study</th><th>claim</th>"
+    body = ("<h1>resdense studies</h1><table class='index'><thead><tr><th>study</th><th>claim</th>"
             "<th>difference (points)</th><th>decision</th><th>report</th></tr></thead><tbody>"
-            + "".join(rows_html) + "</tbody></table></body></html>")
-    atomic_write_text(root / "index.html", page)
+            + "".join(rows_html) + "</tbody></table>")
+    atomic_write_text(root / "index.html", html_page("resdense studies", body))
     return {"studies": [e["dir"] for e in entries], "index": str(root / "index.html")}

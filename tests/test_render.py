@@ -1,0 +1,171 @@
+"""The reports as a reader sees them: the index and each study's report rendered in headless
+Chromium (Debian's ``chromium``; ``make browser`` installs it, ``make test`` runs that first).
+Every figure must decode, the verdict table must be laid out visibly near the top, the page must
+fit the window's width, and the screenshot must be a real picture of the requested size.
+
+The pages carry a small load check (``resdense.studies.report.PAGE_CHECK``) that writes what it
+saw on ``<body>`` as data attributes; ``chromium --dump-dom`` prints the DOM after it ran.
+Screenshots are left in each test's tmp_path (index.png, NAME.png) to look at.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+from html.parser import HTMLParser
+from pathlib import Path
+from typing import Callable
+
+import pytest
+from PIL import Image
+
+from test_studies import build_tiny_study, run_cli, small_test_split
+
+CHROMIUM = shutil.which("chromium")
+WINDOW = (1280, 1000)  # width, height of the window and of the screenshots
+TIMEOUT_S = 60
+
+
+def _tiny_degradation(base: Path) -> Path:
+    with small_test_split():
+        return build_tiny_study(base / "tiny-degradation-study")[0]
+
+
+# Study name -> a function that trains (or finds) a tiny finished study and returns its folder.
+# Another study's report is rendered by adding its tiny builder here.
+STUDIES: dict[str, Callable[[Path], Path]] = {
+    "degradation": _tiny_degradation,
+}
+
+
+def chromium(args: list[str], profile: Path) -> subprocess.CompletedProcess:
+    """Headless Chromium with ARGS; killed with its whole process group after TIMEOUT_S."""
+    cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+           "--no-first-run", "--disable-extensions", "--hide-scrollbars", f"--user-data-dir={profile}",
+           f"--window-size={WINDOW[0]},{WINDOW[1]}", "--virtual-time-budget=5000", *args]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+                            text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        pytest.fail(f"chromium did not finish within {TIMEOUT_S} s: {' '.join(cmd)}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+class _Body(HTMLParser):
+    """The attributes of <body> and every link's href."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attrs: dict[str, str] = {}
+        self.links: list[str] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        if tag == "body":
+            self.attrs = {k: v or "" for k, v in attrs}
+        elif tag == "a":
+            self.links += [v for k, v in attrs if k == "href" and v]
+
+
+def rendered(page: Path, tmp: Path) -> _Body:
+    """The page's DOM after load, as chromium dumps it."""
+    proc = chromium(["--dump-dom", page.resolve().as_uri()], tmp / "profile")
+    assert proc.returncode == 0 and "<body" in proc.stdout, f"chromium --dump-dom {page}: {proc.stderr[-2000:]}"
+    body = _Body()
+    body.feed(proc.stdout)
+    assert body.attrs.get("data-checked") == "yes", f"the page's load check did not run: {body.attrs}"
+    return body
+
+
+def screenshot(page: Path, png: Path, tmp: Path) -> Image.Image:
+    """A screenshot of the page's first WINDOW, checked to be a PNG of that size with something on it."""
+    proc = chromium([f"--screenshot={png}", page.resolve().as_uri()], tmp / "profile")
+    assert proc.returncode == 0 and png.is_file(), f"chromium --screenshot {page}: {proc.stderr[-2000:]}"
+    image = Image.open(png)
+    assert image.format == "PNG" and image.size == WINDOW
+    ink = image.convert("L").point(lambda v: 255 if v < 250 else 0)  # whatever is not the white page
+    drawn, box = sum(ink.histogram()[1:]), ink.getbbox()
+    assert drawn > 0.005 * WINDOW[0] * WINDOW[1], f"{png} is (nearly) blank: {drawn} pixels drawn"
+    assert box is not None and box[2] - box[0] > WINDOW[0] // 2, f"{png}: nothing drawn across the page ({box})"
+    return image
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory) -> None:
+    if CHROMIUM is None:
+        pytest.skip("chromium not installed: make browser installs it (Debian's chromium package)")
+    tmp = tmp_path_factory.mktemp("probe")
+    (tmp / "probe.html").write_text("<!doctype html><body data-checked=yes>ok</body>")
+    proc = chromium(["--dump-dom", (tmp / "probe.html").as_uri()], tmp / "profile")
+    if proc.returncode != 0 or "ok" not in proc.stdout:
+        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        pytest.skip(f"chromium is installed but cannot render a page here: {last}")
+
+
+@pytest.fixture(scope="module")
+def reports(browser, tmp_path_factory) -> Path:
+    """A folder with one tiny finished study per entry of STUDIES, indexed by `resdense report`."""
+    base = tmp_path_factory.getbasetemp()
+    root = tmp_path_factory.mktemp("reports")
+    for name, build in STUDIES.items():
+        study = build(base)
+        (root / name).mkdir()
+        for f in ("study.json", "results.jsonl"):  # the report is redrawn from the result files alone
+            shutil.copy(study / f, root / name / f)
+    code, _, err = run_cli(["report", str(root)])
+    assert code == 0, err
+    return root
+
+
+def test_index_renders_with_a_visible_table_and_links_to_every_report(reports, tmp_path):
+    index = reports / "index.html"
+    body = rendered(index, tmp_path)
+    assert body.attrs["data-table-index"] == "visible", body.attrs
+    assert int(body.attrs["data-table-index-top"]) < WINDOW[1]
+    assert body.attrs["data-images"] == body.attrs["data-images-loaded"]
+    assert body.attrs["data-hscroll"] == "no", "the index is wider than the window"
+    assert set(body.links) == {f"{name}/report.html" for name in STUDIES}  # one row per claim, each linked
+    for link in body.links:
+        assert (reports / link).is_file(), f"the index links {link}, which does not exist"
+    screenshot(index, tmp_path / "index.png", tmp_path)
+
+
+@pytest.mark.parametrize("name", list(STUDIES))
+def test_report_renders_every_figure_and_the_verdict_table(reports, name, tmp_path):
+    page = reports / name / "report.html"
+    body = rendered(page, tmp_path)
+    images, loaded = int(body.attrs["data-images"]), int(body.attrs["data-images-loaded"])
+    assert images > 0 and loaded == images, f"{loaded} of {images} figures loaded"
+    assert body.attrs["data-table-verdicts"] == "visible", body.attrs
+    assert int(body.attrs["data-table-verdicts-top"]) < WINDOW[1], "the verdict table is below the first screen"
+    assert body.attrs["data-table-groups"] == "visible", body.attrs
+    assert body.attrs["data-hscroll"] == "no", "the report is wider than the window"
+    screenshot(page, tmp_path / f"{name}.png", tmp_path)
+
+
+def test_a_broken_figure_or_a_hidden_table_is_seen(browser, tmp_path):
+    """The load check can fail: a figure that does not decode and a hidden verdict table are reported."""
+    from resdense.studies.report import html_page
+
+    good = Image.new("RGB", (4, 4), "black")
+    good.save(tmp_path / "good.png")
+    page = tmp_path / "broken.html"
+    page.write_text(html_page("broken", "<img src='good.png'><img src='data:image/png;base64,AAAA'>"
+                                        "<img src='missing.png'><table class='verdicts' style='display:none'>"
+                                        "<tr><td>x</td></tr></table><table class='groups'><tr><td>y</td></tr></table>"
+                                        "<table class='index' style='visibility:hidden'><tr><td>z</td></tr></table>"
+                                        f"<div style='width:{2 * WINDOW[0]}px'>wide</div>"))
+    body = rendered(page, tmp_path)
+    assert (body.attrs["data-images"], body.attrs["data-images-loaded"]) == ("3", "1")
+    assert body.attrs["data-table-verdicts"] == "hidden" and body.attrs["data-table-index"] == "hidden"
+    assert body.attrs["data-table-groups"] == "visible"
+    assert body.attrs["data-hscroll"] == "yes"
+    # A blank page is not a screenshot of a report.
+    blank = tmp_path / "blank.html"
+    blank.write_text("<!doctype html><body></body>")
+    with pytest.raises(AssertionError, match="blank"):
+        screenshot(blank, tmp_path / "blank.png", tmp_path)
