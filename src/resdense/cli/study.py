@@ -94,11 +94,12 @@ def cmd_report(args: argparse.Namespace) -> int:
 def _print_summary(report: dict[str, Any], out: str) -> None:
     from ..studies.report import DECISION_WORDS
 
-    print(f"{'group':<14} seeds  train error % (eval)   test error %")
+    width = max([14, *(len(t["group"]) + 1 for t in report["table"])])
+    print(f"{'group':<{width}} seeds  train error % (eval)   test error %")
     for t in report["table"]:
         def cell(key: str) -> str:
             return "–" if t[key] is None else f"{100 * t[key]:6.2f} ± {100 * t[key + '_std']:5.2f}"
-        print(f"{t['group']:<14} {t['seeds']:>5}  {cell('train_error'):>20}  {cell('test_error'):>15}")
+        print(f"{t['group']:<{width}} {t['seeds']:>5}  {cell('train_error'):>20}  {cell('test_error'):>15}")
     for v in report["verdicts"]:
         print(f"{v.text}: {DECISION_WORDS[v.decision].upper()}")
         print(f"    {v.contrast} = " + ("no data" if v.difference is None else

@@ -4,7 +4,7 @@ A study is a spec (:class:`StudySpec`: its runs, claims and figures) registered 
 importing this package registers every spec.
 """
 
-from . import degradation, efficiency  # noqa: F401 - register the specs
+from . import degradation, efficiency, remedies, shortcuts  # noqa: F401 - register the specs
 from .engine import run_study
 from .report import build_report, load_study
 from .spec import STUDIES, StudyConfig, StudySpec, get_study

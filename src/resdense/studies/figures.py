@@ -10,6 +10,10 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.ticker import NullFormatter
+
 from ..plots import PathLike, _band, _figure, _save
 
 _FAMILY_STYLE = {"densenet-bc": dict(color="tab:green", marker="o"), "resnet": dict(color="tab:blue", marker="s"),
@@ -36,6 +40,7 @@ def plot_efficiency(table: list[dict[str, Any]], path: PathLike) -> Path:
             for x, y, t in zip(xs, ys, pts):
                 ax.annotate(str(t["depth"]), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(NullFormatter())  # minor tick labels of a short log axis overlap
         ax.set_xlabel(label)
         ax.set_ylabel("test error (%)")
         ax.grid(True, which="both", alpha=0.3)
@@ -46,9 +51,11 @@ def plot_efficiency(table: list[dict[str, Any]], path: PathLike) -> Path:
 
 def plot_bars(table: list[dict[str, Any]], path: PathLike, metrics: Sequence[tuple[str, str]], title: str,
               label_key: str = "group") -> Path:
-    """One bar per group and metric (mean, with each seed's spread as the error bar); each group's
-    parameter count under its name."""
-    fig, axes = _figure(len(metrics), width=max(4.0, 1.1 * len(table) + 1.5), height=4.2)
+    """One bar per group, one panel per metric stacked vertically (mean, the seeds' standard
+    deviation as the error bar); each group's parameter count under its name."""
+    fig = Figure(figsize=(min(12.0, 1.3 * len(table) + 2.0), 3.4 * len(metrics)), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(len(metrics), 1, squeeze=False)[:, 0]
     names = [f"{t[label_key]}\n{_params_text(t.get('params'))}" for t in table]
     xs = np.arange(len(table))
     for ax, (key, label) in zip(axes, metrics):
@@ -76,14 +83,17 @@ def _bar_color(t: dict[str, Any]) -> str:
 
 def plot_grad_norm_curves(rows: list[dict[str, Any]], order: Sequence[str], path: PathLike, title: str) -> Path:
     """Left: the global gradient norm over training (each group's seeds: geometric mean and range);
-    right: the running training error. From each run's curve (every ``curve_every`` steps)."""
+    right: the running training error; both against training images seen. From each run's curve
+    (every ``curve_every`` steps)."""
     fig, (ax_g, ax_e) = _figure(2, width=6.0, height=4.4)
     for i, group in enumerate(order):
         runs = [r for r in rows if r["group"] == group and r.get("curve")]
         if not runs:
             continue
         style = dict(color=f"C{i % 10}", linestyle="--" if group.startswith("plain") else "-")
-        steps = [p["step"] for p in runs[0]["curve"]]
+        # Against images seen, not steps: a smaller batch takes more steps per epoch.
+        batch = runs[0]["config"].get("batch_size") or 1
+        steps = [p["step"] * batch for p in runs[0]["curve"]]
         n = min(len(r["curve"]) for r in runs)
         norms = [[p.get("grad_norm") or math.nan for p in r["curve"][:n]] for r in runs]
         if not all(math.isnan(v) for s in norms for v in s):
@@ -94,7 +104,7 @@ def plot_grad_norm_curves(rows: list[dict[str, Any]], order: Sequence[str], path
     ax_g.set_ylabel("gradient norm (global L2, before clipping)")
     ax_e.set_ylabel("running training error (%)")
     for ax in (ax_g, ax_e):
-        ax.set_xlabel("iteration")
+        ax.set_xlabel("training images seen (steps × batch)")
         ax.grid(True, alpha=0.3)
     ax_e.legend(fontsize=8)
     fig.suptitle(title)

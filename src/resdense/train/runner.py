@@ -173,9 +173,9 @@ def build_context(cfg: TrainConfig, rank: int = 0, world_size: int = 1, device: 
 
 
 def record_gradients(ctx: RunContext, run_dir: Path, epoch: int, batches: int = 2,
-                     events: Optional[EventLog] = None, step: int = 0) -> None:
-    """Per-layer gradient norms on a few validation batches: RUN/gradients/epoch-NNNN.{json,png}
-    (epoch 0 is the initialisation)."""
+                     events: Optional[EventLog] = None, step: int = 0, draw: bool = True) -> None:
+    """Per-layer gradient norms on a few validation batches: RUN/gradients/epoch-NNNN.json, and
+    with ``draw`` its figure epoch-NNNN.png (epoch 0 is the initialisation)."""
     from .. import plots
     from ..analysis.gradients import gradient_norms
 
@@ -185,8 +185,9 @@ def record_gradients(ctx: RunContext, run_dir: Path, epoch: int, batches: int = 
     out = run_dir / "gradients"
     out.mkdir(exist_ok=True)
     atomic_write_text(out / f"epoch-{epoch:04d}.json", json.dumps(report.to_dict(), indent=2))
-    plots.plot_gradient_norms({f"{ctx.cfg.model} epoch {epoch}": report}, out / f"epoch-{epoch:04d}.png",
-                              title=f"Gradient norm per layer, {ctx.cfg.model}, epoch {epoch}")
+    if draw:
+        plots.plot_gradient_norms({f"{ctx.cfg.model} epoch {epoch}": report}, out / f"epoch-{epoch:04d}.png",
+                                  title=f"Gradient norm per layer, {ctx.cfg.model}, epoch {epoch}")
     if events is not None:
         events.gradients(step, report)
 
@@ -398,7 +399,9 @@ def _train_locked(cfg: TrainConfig, run_dir: Path, resume: bool, flag_overrides:
             if events is not None:
                 events.epoch(row, curve)
             if cfg.record_gradients:
-                record_gradients(ctx, run_dir, state.epoch, events=events, step=state.step)
+                # Drawn at the first and last epoch only: a figure costs more than the norms.
+                record_gradients(ctx, run_dir, state.epoch, events=events, step=state.step,
+                                 draw=state.epoch >= total_epochs)
         if epoch_callback is not None:  # after the checkpoint: a crash here is a crash between epochs
             epoch_callback(ctx, row)
         log(f"epoch {state.epoch}/{total_epochs}  train loss {row['train_loss']:.4f} err {row['train_error']:.4f}  "

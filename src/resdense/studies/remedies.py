@@ -1,0 +1,146 @@
+"""The remedies study: the fixes that articles on vanishing and exploding gradients list besides
+shortcuts, each applied to the deep plain net, beside the ResNet of the same depth.
+
+Nets (one depth D; every run records its gradient norms: the global norm in each curve point,
+and per layer at initialisation and after every epoch in ``RUN/gradients/``):
+
+* ``plain`` and ``resnet`` — the premise: plain-D trains worse than ResNet-D;
+* remedies on plain-D — a smaller batch (16 instead of the preset's, same lr: four times the
+  steps), gradient clipping (global norm 1), a ten times stronger L2 weight penalty;
+* controls — plain-D without batch norm (what the plain nets already rely on), and ResNet-D with
+  the last BN of each residual branch zero-initialised (Goyal et al. 2017).
+
+Claims (training error, eval mode): each remedy *removes the degradation* when it closes at
+least half of plain-D's gap to ResNet-D: (plain − R) − ½ (plain − ResNet) > 0.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Optional
+
+from ..errors import ConfigError
+from .spec import QUICK_CPU, SMOKE, RunSpec, StudyConfig, StudySpec, register_study, run_config
+from .stats import Claim
+
+# net -> (model, model kwargs, run settings, what it is)
+NETS: dict[str, tuple[str, dict[str, Any], dict[str, Any], str]] = {
+    "plain": ("cifar_plain", {}, {}, "the plain net"),
+    "plain+small-batch": ("cifar_plain", {}, {"batch_size": 16}, "a smaller batch (16, same lr)"),
+    "plain+clip": ("cifar_plain", {}, {"grad_clip": 1.0}, "gradient clipping (global norm 1)"),
+    "plain+l2": ("cifar_plain", {}, {"weight_decay_factor": 10.0}, "a 10x stronger L2 weight penalty"),
+    "plain-no-bn": ("cifar_plain", {"norm_layer": "none"}, {}, "no batch norm (control)"),
+    "resnet": ("cifar_resnet", {}, {}, "the ResNet"),
+    "resnet+zero-init": ("cifar_resnet", {"zero_init_last": True}, {}, "zero-init of each branch's last BN (control)"),
+}
+REMEDIES = ("plain+small-batch", "plain+clip", "plain+l2")
+FRACTION = 0.5  # a remedy "removes" the degradation when it closes at least this share of the gap
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # Seven nets × three seeds at depth 32 cost about what twelve runs of depths 20 and 56 do.
+    "quick": dict(QUICK_CPU, record_gradients=True),
+    "smoke": dict(QUICK_CPU, **SMOKE, record_gradients=True),
+    "paper": dict(recipe="resnet-cifar-paper", curve_every=100, record_gradients=True),
+}
+
+
+def group_name(net: str, depth: int) -> str:
+    return f"{net}-{depth}"
+
+
+def _depth(study: StudyConfig) -> int:
+    depth = study.options.get("depth", 32)
+    if not isinstance(depth, int) or depth < 8 or (depth - 2) % 6:
+        raise ConfigError(f"the remedies study needs a CIFAR ResNet depth 6n+2 (e.g. 20, 32, 56); got {depth}")
+    return depth
+
+
+def _settings(study: StudyConfig, net_settings: dict[str, Any]) -> dict[str, Any]:
+    """A net's run settings, relative ones resolved against the preset (the L2 factor)."""
+    settings = dict(net_settings)
+    factor = settings.pop("weight_decay_factor", None)
+    if factor is not None:
+        base = run_config(study, SPEC, "probe", "cifar_plain", {"depth": _depth(study)}, 0).weight_decay
+        settings["weight_decay"] = factor * (base or 1e-4)
+    return settings
+
+
+def runs(study: StudyConfig) -> list[RunSpec]:
+    depth = _depth(study)
+    out = []
+    for seed in study.seeds:
+        for net, (model, kwargs, settings, _) in NETS.items():
+            group = group_name(net, depth)
+            name = f"{group}-seed{seed}"
+            cfg = run_config(study, SPEC, name, model, {"depth": depth, **kwargs}, seed, _settings(study, settings))
+            out.append(RunSpec(name, group, seed, {"net": net, "depth": depth}, cfg))
+    return out
+
+
+def claims(study: StudyConfig, table: Optional[list[dict[str, Any]]] = None) -> list[Claim]:
+    d = _depth(study)
+    plain, resnet = group_name("plain", d), group_name("resnet", d)
+    out = [Claim("premise", f"The premise: plain-{d} ends with higher training error than ResNet-{d}",
+                 ((plain, 1.0), (resnet, -1.0)), sign=1)]
+    for net in REMEDIES:
+        g = group_name(net, d)
+        out.append(Claim(f"{net}", f"{NETS[net][3][0].upper()}{NETS[net][3][1:]} removes the degradation of plain-{d}: "
+                         f"it closes at least half of the gap to ResNet-{d}",
+                         ((plain, 1 - FRACTION), (resnet, FRACTION), (g, -1.0)), sign=1,
+                         label=f"({plain} − {g}) − {FRACTION:g}({plain} − {resnet})"))
+    out.append(Claim("no_bn", f"Control: without batch norm plain-{d} ends with higher training error",
+                     ((group_name("plain-no-bn", d), 1.0), (plain, -1.0)), sign=1, headline=False))
+    out.append(Claim("zero_init", f"Control: zero-init of the residual branches leaves ResNet-{d} at most 1 point worse",
+                     ((group_name("resnet+zero-init", d), 1.0), (resnet, -1.0)), sign=-1, margin=1.0, headline=False))
+    return out
+
+
+def _gradient_reports(rows: list[dict[str, Any]], epoch_of: str) -> dict[str, list[Any]]:
+    """group -> its seeds' per-layer gradient reports at initialisation ("first") or at the end ("last")."""
+    from ..analysis.gradients import GradientReport
+
+    out: dict[str, list[Any]] = {}
+    for r in rows:
+        folder = Path(r["config"].get("out") or "") / "gradients"
+        files = sorted(folder.glob("epoch-*.json")) if folder.is_dir() else []
+        if files:
+            path = files[0] if epoch_of == "first" else files[-1]
+            out.setdefault(r["group"], []).append(GradientReport.from_dict(json.loads(path.read_text())))
+    return out
+
+
+def figures(rows: list[dict[str, Any]], table: list[dict[str, Any]], out: Path) -> list[tuple[str, str]]:
+    from .. import plots
+    from .figures import plot_bars, plot_grad_norm_curves
+
+    order = [t["group"] for t in table]
+    made = []
+    plot_bars(table, out / "remedies.png", (("train_error", "training error, eval mode"), ("test_error", "test error")),
+              "Remedies on the deep plain net, beside the ResNet (mean ± std over seeds)", label_key="net")
+    made.append(("remedies.png", "Final training error (eval mode) and test error of every net; grey: plain nets."))
+    plot_grad_norm_curves(rows, order, out / "grad_norm_curves.png",
+                          "Gradient norm and running training error over training")
+    made.append(("grad_norm_curves.png", "Global gradient norm (log scale, before clipping) and running training error "
+                                         "every few steps: each line is the seeds' mean, the band their range."))
+    for when, caption in (("first", "at initialisation"), ("last", "after the last epoch")):
+        reports = _gradient_reports(rows, when)
+        if reports:
+            name = f"gradients_{when}.png"
+            plots.plot_gradient_norms({g: reports[g] for g in order if g in reports}, out / name,
+                                      title=f"Gradient norm per layer {caption} (validation batches)")
+            made.append((name, f"Per-layer gradient norm {caption}, input to output, on validation batches; the "
+                               "legend gives the first convolution's norm over the last's: far below 1, the gradient "
+                               "vanishes on its way to the input; far above 1, it explodes."))
+    return made
+
+
+def _order(entry: dict[str, Any]) -> Any:
+    return list(NETS).index(entry["net"])
+
+
+SPEC = register_study(StudySpec(
+    name="remedies", title="Remedies for the deep plain net: smaller batch, gradient clipping, L2 penalty",
+    summary="the articles' fixes for vanishing/exploding gradients on plain-D, beside ResNet-D, with gradient norms",
+    presets=PRESETS, runs=runs, claims=claims, figures=figures, group_order=_order,
+    label_columns=("net", "depth"), default_options={"depth": 32}, setup_note="depth {depth}"))

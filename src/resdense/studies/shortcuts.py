@@ -1,0 +1,114 @@
+"""The shortcuts study (He et al. 2015, Sec. 4.1, Table 3): one depth, four nets that differ only
+in their shortcuts: none (the plain twin), A (identity, zero-padded where the shape changes),
+B (identity, projected where the shape changes), C (projected everywhere).
+
+Claims:
+
+1. *option X fixes degradation* (X = A, B, C) — ResNet-D with shortcut X ends with lower
+   training error than plain-D: X − plain < 0;
+2. *projections are not essential* (X = B, C) — on test error, X improves on A by less than half
+   of what A gained over plain: (A − X) < ½ (plain − A). In Table 3 (ImageNet ResNet-34, top-1)
+   A gains 3.51 points over plain, B 0.51 and C 0.84 more (15% and 24% of A's gain), at about
+   0.3% and 36% more parameters than A.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional
+
+from ..errors import ConfigError
+from .spec import QUICK_CPU, SMOKE, RunSpec, StudyConfig, StudySpec, register_study, run_config
+from .stats import Claim
+
+OPTIONS = ("none", "A", "B", "C")
+PRESETS: dict[str, dict[str, Any]] = {
+    # At depth 56, four nets × three seeds cost about 1.5 times the degradation study's twelve runs.
+    "quick": dict(QUICK_CPU),
+    "smoke": dict(QUICK_CPU, **SMOKE),
+    # The CIFAR-10 recipe of He et al. 2015, Sec. 4.2 (Table 3 itself is ImageNet ResNet-34).
+    "paper": dict(recipe="resnet-cifar-paper", curve_every=100),
+}
+# He et al. 2015, Table 3: ImageNet validation top-1 error (10-crop), 34 layers.
+PAPER_ROWS = (("plain-34", 28.54), ("ResNet-34 A", 25.03), ("ResNet-34 B", 24.52), ("ResNet-34 C", 24.19))
+FRACTION = 0.5  # claim 2: a projection buys less than this share of A's own gain
+
+
+def group_name(shortcut: str, depth: int) -> str:
+    return f"plain-{depth}" if shortcut == "none" else f"resnet{shortcut}-{depth}"
+
+
+def _depth(study: StudyConfig) -> int:
+    depth = study.options.get("depth", 56)
+    if not isinstance(depth, int) or depth < 8 or (depth - 2) % 6:
+        raise ConfigError(f"the shortcuts study needs a CIFAR ResNet depth 6n+2 (e.g. 20, 32, 56); got {depth}")
+    return depth
+
+
+def runs(study: StudyConfig) -> list[RunSpec]:
+    depth = _depth(study)
+    out = []
+    for seed in study.seeds:
+        for shortcut in OPTIONS:
+            group = group_name(shortcut, depth)
+            cfg = run_config(study, SPEC, f"{group}-seed{seed}", "cifar_resnet", {"depth": depth, "shortcut": shortcut}, seed)
+            out.append(RunSpec(f"{group}-seed{seed}", group, seed, {"shortcut": shortcut, "depth": depth}, cfg))
+    return out
+
+
+def claims(study: StudyConfig, table: Optional[list[dict[str, Any]]] = None) -> list[Claim]:
+    d = _depth(study)
+    plain, a = group_name("none", d), group_name("A", d)
+    out = [Claim(f"{x}_fixes_degradation", f"Option {x} fixes degradation: ResNet-{d} with shortcut {x} ends with lower "
+                 f"training error than plain-{d}", ((group_name(x, d), 1.0), (plain, -1.0)), sign=-1)
+           for x in ("A", "B", "C")]
+    half = FRACTION
+    for x in ("B", "C"):
+        g = group_name(x, d)
+        # A − X < f (plain − A)  <=>  f·plain − (1 + f)·A + X > 0
+        out.append(Claim(f"{x}_not_essential", f"Projections are not essential: option {x} improves on A by less than "
+                         f"{half:g} of A's own gain over plain (test error)",
+                         ((plain, half), (a, -(1 + half)), (g, 1.0)), sign=1, metric="test_error",
+                         label=f"{half:g}({plain} − {a}) − ({a} − {g})"))
+    return out
+
+
+def extra_tables(study: StudyConfig, rows: list[dict[str, Any]], table: list[dict[str, Any]]) -> list[tuple[str, list[str], list[list[str]]]]:
+    from .report import count_text
+
+    by = {t["shortcut"]: t for t in table}
+    ref = by.get("A")
+    body = []
+    for t in table:
+        extra = (t["params"] - ref["params"]) if ref and ref.get("params") and t.get("params") else None
+        gain = (100 * (ref["test_error"] - t["test_error"]) if ref and ref.get("test_error") is not None
+                and t.get("test_error") is not None else None)
+        body.append([t["group"], count_text(t.get("params")),
+                     "–" if extra is None else (f"{extra:+,d}" + (f" ({100 * extra / ref['params']:+.1f}%)" if ref["params"] else "")),
+                     "–" if gain is None else f"{gain:+.2f}"])
+    tables = [("Parameters against A and what they buy (test error gained over A, points; mean over seeds)",
+               ["group", "params", "params vs A", "test error gain over A"], body),
+              ("He et al. 2015, Table 3 (ImageNet, 34 layers, top-1 validation error, 10-crop), for comparison",
+               ["net", "top-1 error %"], [[n, f"{e:.2f}"] for n, e in PAPER_ROWS])]
+    return tables
+
+
+def figures(rows: list[dict[str, Any]], table: list[dict[str, Any]], out: Path) -> list[tuple[str, str]]:
+    from .figures import plot_bars
+
+    plot_bars(table, out / "shortcuts.png", (("train_error", "training error, eval mode"), ("test_error", "test error")),
+              "Shortcut options at one depth (mean ± std over seeds; parameters under each name)")
+    return [("shortcuts.png", "Final training error (eval mode) and test error of the plain net and the three "
+                              "shortcut options (after He et al. 2015, Table 3); grey: no shortcuts.")]
+
+
+def _order(entry: dict[str, Any]) -> Any:
+    return OPTIONS.index(entry["shortcut"])
+
+
+SPEC = register_study(StudySpec(
+    name="shortcuts", title="Shortcut options: none, A (zero-padding), B (projection where shapes change), C (projection everywhere)",
+    summary="plain vs shortcut options A/B/C at one depth: error and parameters (ResNet paper, Table 3)",
+    presets=PRESETS, runs=runs, claims=claims, figures=figures, group_order=_order,
+    label_columns=("shortcut", "depth"), default_options={"depth": 56},
+    setup_note="depth {depth}", extra_tables=extra_tables))
