@@ -10,6 +10,7 @@ Screenshots are left in each test's tmp_path (index.png, NAME.png) to look at.
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import signal
@@ -22,6 +23,7 @@ import pytest
 from PIL import Image
 
 from test_studies import build_tiny_study, run_cli, small_test_split
+from test_study_specs import SPEC_ARGS, build_tiny_studies
 
 CHROMIUM = shutil.which("chromium")
 WINDOW = (1280, 1000)  # width, height of the window and of the screenshots
@@ -33,10 +35,16 @@ def _tiny_degradation(base: Path) -> Path:
         return build_tiny_study(base / "tiny-degradation-study")[0]
 
 
+def _tiny_spec_study(name: str, base: Path) -> Path:
+    with small_test_split():
+        return build_tiny_studies(base / "tiny-studies") / name
+
+
 # Study name -> a function that trains (or finds) a tiny finished study and returns its folder.
 # Another study's report is rendered by adding its tiny builder here.
 STUDIES: dict[str, Callable[[Path], Path]] = {
     "degradation": _tiny_degradation,
+    **{name: functools.partial(_tiny_spec_study, name) for name in SPEC_ARGS},
 }
 
 

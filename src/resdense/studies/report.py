@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import html
 import json
+import re
 import statistics
 from pathlib import Path
 from typing import Any
@@ -68,7 +69,7 @@ def collect_rows(spec: StudySpec, study: StudyConfig) -> list[dict[str, Any]]:
             "test_error": summary["test_error_last"], "test_error_best": summary.get("test_error_best"),
             "test_images": summary.get("test_images"), "wall_time": summary["wall_time"],
             "images_per_s": summary.get("images_per_s"), "steps": summary.get("steps"),
-            "params": summary.get("params"), "macs": summary.get("macs"),
+            "params": summary.get("params"), "macs": summary.get("macs"), "diverged": summary.get("diverged"),
             "curve": _read_jsonl(run_dir / "curve.jsonl"),
             "epochs": [{k: m[k] for k in ("step", "train_error", "val_error")} for m in metrics],
             "config": summary["config"],
@@ -170,8 +171,13 @@ def measured_line(m: dict[str, Any]) -> str:
     if m["difference"] is None:
         return f"{m['text']}: no data yet."
     unc = f" ± {m['stderr']:.2f}" if m["stderr"] is not None else ""
-    return (f"{m['text']}: {m['contrast']} = {m['difference']:+.2f}{unc} points ({m['n_seeds']} seeds); "
+    return (f"{m['text']}: {m['contrast']} = {m['difference']:+.2f}{unc} points ({m['n_seeds']} seed{'s' if m['n_seeds'] != 1 else ''}); "
             f"not decided: {m['why_not_decided']}.")
+
+
+def _emphasis(text: str) -> str:
+    """Markdown's *word* as HTML emphasis (the rule is written once, for both pages)."""
+    return re.sub(r"\*([^*]+)\*", r"<em>\1</em>", text)
 
 
 def _md_table(header: list[str], body: list[list[str]]) -> list[str]:
@@ -264,8 +270,13 @@ def build_report(study_dir: str | Path) -> dict[str, Any]:
     th, tb = _table_rows(spec, table)
     vh, vb = _verdict_rows(vs)
     notes = [measured_line(m) for m in measured]
+    diverged = [f"{r['run']} ({r['diverged']})" for r in rows if r.get("diverged")]
+    remarks = []
+    if diverged:
+        remarks.append("Diverged runs, evaluated with their weights at that step (their errors are in the table): "
+                     + "; ".join(diverged) + ".")
     md = [f"# {spec.title}", "", f"**Verdict.** {text}", "", *_md_table(vh, vb), "", *[f"*Measured, not decided:* {n}"
-          for n in notes], "", RULE, "", f"Setup: {setup}.", "", *_md_table(th, tb), ""]
+          for n in notes], *remarks, "", RULE, "", f"Setup: {setup}.", "", *_md_table(th, tb), ""]
     extras = spec.extra_tables(study, rows, table) if spec.extra_tables else []
     for title, header, body_rows in extras:
         md += [f"**{title}**", "", *_md_table(header, body_rows), ""]
@@ -276,7 +287,8 @@ def build_report(study_dir: str | Path) -> dict[str, Any]:
 
     body = [f"<h1>{html.escape(spec.title)}</h1>", f"<p id='verdict'><strong>Verdict.</strong> {html.escape(text)}</p>",
             _html_table(vh, vb, "verdicts"), *[f"<p><em>Measured, not decided:</em> {html.escape(n)}</p>" for n in notes],
-            f"<p>{html.escape(RULE)}</p>", f"<p>Setup: {html.escape(setup)}.</p>",
+            *[f"<p>{html.escape(n)}</p>" for n in remarks],
+            f"<p>{_emphasis(html.escape(RULE))}</p>", f"<p>Setup: {html.escape(setup)}.</p>",
             _html_table(th, tb, "groups")]
     for title, header, body_rows in extras:
         body += [f"<p><strong>{html.escape(title)}</strong></p>", _html_table(header, body_rows, "extra")]

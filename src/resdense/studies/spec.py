@@ -127,5 +127,7 @@ def run_config(study: StudyConfig, spec: StudySpec, name: str, model: str, model
     kwargs = {**values.get("model_kwargs", {}), **model_kwargs}
     values.update({"recipe": recipe_name, "model": model, "model_kwargs": kwargs, "data": study.data,
                    "data_dir": study.data_dir, "seed": seed, "progress": False, "eval_train": True,
+                   # A net that diverges is a result of the study, not a crash of it.
+                   "on_divergence": "finish",
                    "out": str(Path(study.out) / name)})
     return apply_overrides(TrainConfig(), values, f"study {spec.name}, preset {study.preset}")

@@ -86,6 +86,10 @@ class TrainConfig:
     eval_train: bool = False                # after training: eval-mode error on the training images
     test_subset: Optional[int] = None       # final test on a fixed seeded subset of this many test images
     record_gradients: bool = False
+    # What a non-finite loss does: "stop" the run with an error (the last good checkpoint is kept),
+    # or "finish" it there and evaluate the weights as they are (studies: a net that cannot be
+    # trained at the recipe's lr is a result, e.g. a deep plain net without batch norm).
+    on_divergence: str = "stop"
     progress: bool = True
     tensorboard: bool = True                # event files in RUN/tensorboard/ when the package is installed
 
@@ -206,6 +210,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         (cfg.image_size is None or cfg.image_size > 0, f"--image-size must be positive; got {cfg.image_size}"),
         (cfg.bad_images in ("error", "skip"), f"--bad-images must be error or skip; got {cfg.bad_images!r}"),
         (cfg.short_run_steps >= 0 and cfg.min_steps >= 0, "short_run_steps and min_steps must be >= 0"),
+        (cfg.on_divergence in ("stop", "finish"), f"on_divergence must be stop or finish; got {cfg.on_divergence!r}"),
         (cfg.grad_clip is None or cfg.grad_clip > 0, f"grad_clip must be positive; got {cfg.grad_clip}"),
         (cfg.backbone_lr_factor >= 0, f"--backbone-lr-factor must be >= 0; got {cfg.backbone_lr_factor}"),
     ]

@@ -36,7 +36,7 @@ from ..runlock import LOCK_FILE, RunLock
 from . import checkpoint as ckpt
 from . import finetune
 from .config import TrainConfig, apply_overrides, validate
-from .engine import EpochProgress, StopRequested, TrainState, evaluate, train_one_epoch
+from .engine import EpochProgress, NonFiniteLossError, StopRequested, TrainState, evaluate, train_one_epoch
 from .schedule import make_schedule, short_run_min_scale, short_run_total, train_image_size
 from .stop import StopFlag, StopNow, resume_hint
 from .tensorboard import EventLog
@@ -353,7 +353,8 @@ def _train_locked(cfg: TrainConfig, run_dir: Path, resume: bool, flag_overrides:
                      position=where, name=f"step-{state.step:07d}")
 
     should_stop = _stop_check(stop, state, cfg.checkpoint_every)
-    while state.step < ctx.total_steps or position is not None:
+    diverged: Optional[str] = None
+    while (state.step < ctx.total_steps or position is not None) and diverged is None:
         size = train_image_size(state.epoch, total_epochs, tuple(ctx.splits.image_size),
                                 short_run_min_scale(cfg, ctx.total_steps), cfg.resize_ramp, cfg.resize_step)
         progress = EpochProgress.from_dict(position["progress"]) if position else EpochProgress()
@@ -362,12 +363,20 @@ def _train_locked(cfg: TrainConfig, run_dir: Path, resume: bool, flag_overrides:
         with progress_ctx(state.epoch, total_epochs) as bar:
             while True:  # the epoch, in pieces when it stops for a checkpoint inside it
                 ctx.train_loader.set_epoch(state.epoch, size, start_batch=progress.batch)
-                stats = train_one_epoch(
-                    ctx.train_model, ctx.train_loader, ctx.optimizer, schedule, state, device=ctx.device,
-                    amp_dtype=ctx.amp_dtype, label_smoothing=cfg.label_smoothing, max_steps=ctx.total_steps,
-                    warmup_lr=ctx.warmup_lr, warmup_until_error=cfg.warmup_until_error, progress=bar,
-                    curve=curve, curve_every=cfg.curve_every, grad_clip=cfg.grad_clip, start=progress,
-                    should_stop=should_stop)
+                try:
+                    stats = train_one_epoch(
+                        ctx.train_model, ctx.train_loader, ctx.optimizer, schedule, state, device=ctx.device,
+                        amp_dtype=ctx.amp_dtype, label_smoothing=cfg.label_smoothing, max_steps=ctx.total_steps,
+                        warmup_lr=ctx.warmup_lr, warmup_until_error=cfg.warmup_until_error, progress=bar,
+                        curve=curve, curve_every=cfg.curve_every, grad_clip=cfg.grad_clip, start=progress,
+                        should_stop=should_stop)
+                except NonFiniteLossError as e:
+                    if cfg.on_divergence != "finish":
+                        raise
+                    # The loss is checked before its backward pass: the weights are the last finite ones.
+                    diverged = str(e).split(";")[0]
+                    log(f"{diverged}; on_divergence=finish: the run ends here and its weights are evaluated as they are")
+                    break
                 progress = stats["progress"]
                 if not stats["stopped"] or progress.batch >= steps_per_epoch or state.step >= ctx.total_steps:
                     break
@@ -375,6 +384,8 @@ def _train_locked(cfg: TrainConfig, run_dir: Path, resume: bool, flag_overrides:
                 if stop is not None and stop.stopping:
                     raise stop.stopped(run_dir, f"at step {state.step} (epoch {state.epoch + 1}, batch "
                                        f"{progress.batch} of {steps_per_epoch})", point)
+        if diverged is not None:
+            break
         try:
             val = (evaluate(ctx.model, ctx.val_loader, device=ctx.device, amp_dtype=ctx.amp_dtype,
                             should_stop=stop.requested if stop else None) if ctx.val_loader else {})
@@ -414,7 +425,7 @@ def _train_locked(cfg: TrainConfig, run_dir: Path, resume: bool, flag_overrides:
     if events is not None:
         events.close()
     try:
-        return final_evaluation(ctx, run_dir, history, stop)
+        return final_evaluation(ctx, run_dir, history, stop, diverged=diverged, step=state.step)
     except StopRequested:
         raise stop.stopped(run_dir, "during the final evaluation", None) from None  # type: ignore[union-attr]
 
@@ -480,9 +491,10 @@ def _restore(ctx: RunContext, point: Path, run_dir: Optional[Path] = None) -> di
 
 
 def final_evaluation(ctx: RunContext, run_dir: Path, history: list[dict[str, Any]],
-                     stop: Optional[StopFlag] = None) -> dict[str, Any]:
+                     stop: Optional[StopFlag] = None, diverged: Optional[str] = None, step: int = 0) -> dict[str, Any]:
     """Test error at the last epoch and at the best validation epoch: the only read of the test set.
-    A stop signal ends it between batches (:class:`StopRequested`); resuming evaluates again."""
+    A stop signal ends it between batches (:class:`StopRequested`); resuming evaluates again.
+    ``diverged``: the run ended at a non-finite loss at ``step`` (``on_divergence=finish``)."""
     # Rank 0 alone evaluates here, so the check is this process's flag, not an all-reduce.
     should_stop = (lambda: stop.signum is not None) if stop is not None else None
     cfg = ctx.cfg
@@ -493,6 +505,8 @@ def final_evaluation(ctx: RunContext, run_dir: Path, history: list[dict[str, Any
                                "wall_time": history[-1]["wall_time"] if history else 0.0,
                                "images_per_s": statistics.fmean(r["images_per_s"] for r in history) if history else 0.0,
                                "config": cfg.to_dict()}
+    if diverged is not None:
+        summary.update(diverged=diverged, steps=step)
     if is_main_process():
         # Size and cost of the trained model at this run's image size (studies plot error against them).
         from ..analysis.complexity import profile
