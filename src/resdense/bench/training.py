@@ -78,10 +78,17 @@ class TrainCase:
         return self.warmup + self.windows * self.per_window
 
 
-def _cases(quick: bool) -> list[TrainCase]:
+def _cases(quick: bool, device_type: str = "cpu") -> list[TrainCase]:
     if quick:
         return [TrainCase("cifar_resnet", {"depth": 8}, (3, 32, 32), batch=16, warmup=1, windows=1, per_window=1,
                           profile=True)]
+    if device_type == "cuda":
+        # A step takes milliseconds on a GPU: windows of 20 steps (a 1-step window would time one
+        # launch queue), and 10 warm-up steps for the allocator, cuDNN and the compiled graphs.
+        return [TrainCase("resnet56", batch=128, warmup=10, windows=5, per_window=20, compile_by_default=True,
+                          profile=True),
+                TrainCase("densenet_bc100_k12", batch=64, warmup=10, windows=5, per_window=20),
+                TrainCase("resnet50", input_size=(3, 224, 224), batch=32, warmup=10, windows=5, per_window=20)]
     # Step counts chosen so the whole benchmark fits in about five minutes on two CPU cores:
     # resnet50 at 224 takes seconds per step, so it gets the fewest.
     return [TrainCase("resnet56", batch=128, warmup=2, windows=3, per_window=2, compile_by_default=True,
@@ -231,7 +238,7 @@ def run(opts: BenchOptions) -> list[Row]:
     rows: list[Row] = []
     profile: Optional[dict[str, Any]] = None
     flops: dict[str, float] = {}
-    for case in _cases(opts.quick):
+    for case in _cases(opts.quick, device.type):
         case_rows, prof = _measure_case(case, opts, device)
         rows += case_rows
         flops[case.label] = TRAIN_FLOPS_PER_MAC * model_info(case.model, input_size=case.input_size, **case.kwargs).macs
