@@ -230,7 +230,7 @@ def test_norm_layer_none_removes_every_norm_and_zero_init_still_starts_at_identi
     net = create_model("cifar_plain", depth=8, norm_layer="none")
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in net.modules())
     res = create_model("cifar_resnet", depth=8, norm_layer="none", zero_init_last=True)
-    assert all(float(b.conv2.weight.abs().sum()) == 0 for b in res.layer1)
+    assert all(float(b.conv2.weight.detach().abs().sum()) == 0 for b in res.layer1)
 
 
 # --- end to end, tiny, on real Fashion-MNIST ----------------------------------------------------
