@@ -63,6 +63,7 @@ def plot_bars(table: list[dict[str, Any]], path: PathLike, metrics: Sequence[tup
         stds = [100 * t.get(key + "_std", 0.0) for t in table]
         bars = ax.bar(xs, means, yerr=stds, capsize=3, color=[_bar_color(t) for t in table])
         ax.bar_label(bars, fmt="%.1f", fontsize=8, padding=2)
+        ax.set_ylim(0, 1.12 * max([m + e for m, e in zip(means, stds) if not math.isnan(m)] or [1.0]))  # room for labels
         ax.set_xticks(xs, names, fontsize=8)
         ax.set_ylabel(f"{label} (%)")
         ax.grid(True, axis="y", alpha=0.3)
