@@ -14,6 +14,11 @@ def _option_type(default: Any) -> Any:
     return type(default)
 
 
+OPTION_HELP = {"depths": "depths compared ", "shortcut": "the residual nets' shortcut option A, B or C ",
+               "depth": "the one depth of every net, 6n+2 ",
+               "margin": "points by which DenseNet-BC may trail the best ResNet and still reach its error "}
+
+
 def register(sub: Any) -> None:
     from ..studies import STUDIES
 
@@ -30,7 +35,7 @@ def register(sub: Any) -> None:
         s.add_argument("--preset", choices=list(spec.presets), default="quick")
         for name, default in spec.default_options.items():
             s.add_argument(f"--{name}", type=_option_type(default), default=default,
-                           help=f"default {','.join(map(str, default)) if isinstance(default, list) else default}")
+                           help=OPTION_HELP.get(name, "") + f"(default {','.join(map(str, default)) if isinstance(default, list) else default})")
         s.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a training setting of every run")
         s.add_argument("--jobs", type=int, default=1, metavar="N",
                        help="train N runs at once (CPU threads divided among them; one run per GPU where there are several)")
