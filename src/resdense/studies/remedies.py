@@ -20,8 +20,7 @@ import json
 from pathlib import Path
 from typing import Any, Optional
 
-from ..errors import ConfigError
-from .spec import QUICK_CPU, SMOKE, RunSpec, StudyConfig, StudySpec, register_study, run_config
+from .spec import QUICK_CPU, SMOKE, RunSpec, StudyConfig, StudySpec, cifar_depth, register_study, run_config
 from .stats import Claim
 
 # net -> (model, model kwargs, run settings, what it is)
@@ -50,10 +49,7 @@ def group_name(net: str, depth: int) -> str:
 
 
 def _depth(study: StudyConfig) -> int:
-    depth = study.options.get("depth", 32)
-    if not isinstance(depth, int) or depth < 8 or (depth - 2) % 6:
-        raise ConfigError(f"the remedies study needs a CIFAR ResNet depth 6n+2 (e.g. 20, 32, 56); got {depth}")
-    return depth
+    return cifar_depth(study, 32)
 
 
 def _settings(study: StudyConfig, net_settings: dict[str, Any]) -> dict[str, Any]:

@@ -17,8 +17,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Optional
 
-from ..errors import ConfigError
-from .spec import QUICK_CPU, SMOKE, RunSpec, StudyConfig, StudySpec, register_study, run_config
+from .spec import QUICK_CPU, SMOKE, RunSpec, StudyConfig, StudySpec, cifar_depth, register_study, run_config
 from .stats import Claim
 
 OPTIONS = ("none", "A", "B", "C")
@@ -39,10 +38,7 @@ def group_name(shortcut: str, depth: int) -> str:
 
 
 def _depth(study: StudyConfig) -> int:
-    depth = study.options.get("depth", 56)
-    if not isinstance(depth, int) or depth < 8 or (depth - 2) % 6:
-        raise ConfigError(f"the shortcuts study needs a CIFAR ResNet depth 6n+2 (e.g. 20, 32, 56); got {depth}")
-    return depth
+    return cifar_depth(study, 56)
 
 
 def runs(study: StudyConfig) -> list[RunSpec]:

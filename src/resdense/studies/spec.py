@@ -131,3 +131,11 @@ def run_config(study: StudyConfig, spec: StudySpec, name: str, model: str, model
                    "on_divergence": "finish",
                    "out": str(Path(study.out) / name)})
     return apply_overrides(TrainConfig(), values, f"study {spec.name}, preset {study.preset}")
+
+
+def cifar_depth(study: StudyConfig, default: int) -> int:
+    """The study's one ``--depth`` option, checked as a CIFAR ResNet depth (6n+2)."""
+    depth = study.options.get("depth", default)
+    if not isinstance(depth, int) or isinstance(depth, bool) or depth < 8 or (depth - 2) % 6:
+        raise ConfigError(f"the {study.study} study needs a CIFAR ResNet depth 6n+2 (e.g. 20, 32, 56); got {depth}")
+    return depth
