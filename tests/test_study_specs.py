@@ -270,3 +270,16 @@ def test_index_links_every_studys_report(tiny_studies):
     for name in ("degradation", *SPEC_ARGS):
         assert f"href='{name}/report.html'" in page and (tiny_studies / name / "report.html").is_file()
     assert set(STUDIES) == {"degradation", *SPEC_ARGS}  # a new study joins this test
+
+
+@pytest.mark.parametrize("name,preset", [(n, p) for n, spec in STUDIES.items() for p in spec.presets])
+def test_every_preset_of_every_study_builds_valid_runs_and_models(name, preset):
+    from resdense.studies.engine import check_models
+
+    spec = get_study(name)
+    study = StudyConfig(study=name, preset=preset, seeds=[0, 1], options=dict(spec.default_options))
+    runs = spec.runs(study)  # each config is validated as it is built
+    assert runs and len({r.name for r in runs}) == len(runs) and {r.seed for r in runs} == {0, 1}
+    check_models(runs)  # every model builds (on the meta device)
+    claims = spec.claims(study, None)
+    assert claims and all(c.terms for c in claims)
