@@ -323,16 +323,18 @@ def build_index(folder: str | Path) -> dict[str, Any]:
     for e in entries:
         link = f"{e['dir']}/report.html"
         claims = e["verdicts"] or [None]
-        for v in claims:
+        for i, v in enumerate(claims):
             cells = ([v.text, "–" if v.difference is None else f"{v.difference:+.2f}"
                       + ("" if v.stderr is None else f" ± {v.stderr:.2f}"), DECISION_WORDS[v.decision]]
                      if v is not None else [e["note"], "–", "–"])
             md.append(f"| {e['title']} | " + " | ".join(cells) + f" | [{e['dir']}]({link}) |")
-            rows_html.append("<tr>" + f"<td>{html.escape(e['title'])}</td>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells)
-                             + f"<td><a href='{html.escape(link)}'>{html.escape(e['dir'])}</a></td></tr>")
+            # The study's title and its report's link once, spanning its claims' rows.
+            study_cell = (f"<td rowspan='{len(claims)}'>{html.escape(e['title'])}<br>"
+                          f"<a href='{html.escape(link)}'>{html.escape(e['dir'])} report</a></td>") if i == 0 else ""
+            rows_html.append("<tr>" + study_cell + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>")
     atomic_write_text(root / "index.md", "\n".join(md) + "\n")
     body = ("<h1>resdense studies</h1><table class='index'><thead><tr><th>study</th><th>claim</th>"
-            "<th>difference (points)</th><th>decision</th><th>report</th></tr></thead><tbody>"
+            "<th>difference (points)</th><th>decision</th></tr></thead><tbody>"
             + "".join(rows_html) + "</tbody></table>")
     atomic_write_text(root / "index.html", html_page("resdense studies", body))
     return {"studies": [e["dir"] for e in entries], "index": str(root / "index.html")}
