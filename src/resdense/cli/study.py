@@ -14,11 +14,6 @@ def _option_type(default: Any) -> Any:
     return type(default)
 
 
-OPTION_HELP = {"depths": "depths compared ", "shortcut": "the residual nets' shortcut option A, B or C ",
-               "depth": "the one depth of every net, 6n+2 ",
-               "margin": "points by which DenseNet-BC may trail the best ResNet and still reach its error "}
-
-
 def register(sub: Any) -> None:
     from ..studies import STUDIES
 
@@ -35,7 +30,8 @@ def register(sub: Any) -> None:
         s.add_argument("--preset", choices=list(spec.presets), default="quick")
         for name, default in spec.default_options.items():
             s.add_argument(f"--{name}", type=_option_type(default), default=default,
-                           help=OPTION_HELP.get(name, "") + f"(default {','.join(map(str, default)) if isinstance(default, list) else default})")
+                           help=f"{spec.option_help.get(name, '')} (default "
+                                f"{','.join(map(str, default)) if isinstance(default, list) else default})".lstrip())
         s.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a training setting of every run")
         s.add_argument("--jobs", type=int, default=1, metavar="N",
                        help="train N runs at once (CPU threads divided among them; one run per GPU where there are several)")
@@ -97,7 +93,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def _print_summary(report: dict[str, Any], out: str) -> None:
-    from ..studies.report import DECISION_WORDS
+    from ..studies.report import DECISION_WORDS, measured_line
 
     width = max([14, *(len(t["group"]) + 1 for t in report["table"])])
     print(f"{'group':<{width}} seeds  train error % (eval)   test error %")
@@ -110,8 +106,6 @@ def _print_summary(report: dict[str, Any], out: str) -> None:
         print(f"    {v.contrast} = " + ("no data" if v.difference is None else
               f"{v.difference:+.2f}" + ("" if v.stderr is None else f" ± {v.stderr:.2f}") + f" points ({v.n_seeds} seed{'s' if v.n_seeds != 1 else ''})")
               + f"; {v.reason}")
-    from ..studies.report import measured_line
-
     for m in report.get("measured", []):
         print(f"(measured, not decided) {measured_line(m)}")
     print(f"report: {out}/report.html and {out}/report.md")

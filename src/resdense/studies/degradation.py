@@ -100,4 +100,5 @@ SPEC = register_study(StudySpec(
     summary="plain nets vs their residual twins across depth (ResNet paper, Fig. 1 and 6)",
     presets=PRESETS, runs=runs, claims=claims, figures=figures, group_order=_order,
     label_columns=("kind", "depth"), default_options={"depths": [20, 56], "shortcut": "A"},
+    option_help={"depths": "depths compared", "shortcut": "the residual nets' shortcut option A, B or C"},
     setup_note="shortcut option {shortcut} for the residual nets"))

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from ..errors import ConfigError
+from .report import count_text
 from .spec import QUICK_CPU, SMOKE, RunSpec, StudyConfig, StudySpec, register_study, run_config
 from .stats import Claim
 
@@ -111,7 +112,7 @@ def claims(study: StudyConfig, table: Optional[list[dict[str, Any]]] = None) -> 
             continue
         out.append(Claim(
             key, f"DenseNet-BC-{dense['depth']} reaches the test error of the best ResNet ({best['group']}) with "
-                 f"{_ratio(best[key], dense[key])} fewer {what} ({_count(dense[key])} vs {_count(best[key])}), "
+                 f"{_ratio(best[key], dense[key])} fewer {what} ({count_text(dense[key])} vs {count_text(best[key])}), "
                  f"at most {margin:g} point{'s' if margin != 1 else ''} worse",
             ((dense["group"], 1.0), (best["group"], -1.0)), sign=-1, metric="test_error", margin=margin))
     pairs = sorted({d for f, d in _models(study) if f == "resnet"} & {d for f, d in _models(study) if f == "resnet-bottleneck"})
@@ -124,25 +125,19 @@ def claims(study: StudyConfig, table: Optional[list[dict[str, Any]]] = None) -> 
     return out
 
 
-def _count(n: Optional[float]) -> str:
-    from .report import count_text
-
-    return count_text(n)
-
-
 def extra_tables(study: StudyConfig, rows: list[dict[str, Any]], table: list[dict[str, Any]]) -> list[tuple[str, list[str], list[list[str]]]]:
     """Cost on this machine (honest where DenseNet loses), and the paper's rows."""
     cost = []
     for t in table:
         ips = [r["images_per_s"] for r in rows if r["group"] == t["group"] and r.get("images_per_s")]
         err = "–" if t.get("test_error") is None else f"{100 * t['test_error']:.2f}"
-        cost.append([t["group"], _count(t.get("params")), _count(t.get("macs")), err, f"{t['wall_time']:.0f}",
+        cost.append([t["group"], count_text(t.get("params")), count_text(t.get("macs")), err, f"{t['wall_time']:.0f}",
                      f"{sum(ips) / len(ips):.0f}" if ips else "–"])
     tables = [("Cost on this machine (wall time per run includes evaluation)",
                ["group", "params", "MACs / image", "test error %", "wall s / run", "training images/s"], cost)]
     tables.append(("The DenseNet paper's CIFAR-10+ rows (Huang et al. 2017, Table 2), for comparison with the paper "
                    "preset on CIFAR-10", ["model", "params", "C10+ test error %"],
-                   [[name, _count(p), f"{e:.2f}"] for name, p, e in PAPER_ROWS]))
+                   [[name, count_text(p), f"{e:.2f}"] for name, p, e in PAPER_ROWS]))
     return tables
 
 
@@ -166,4 +161,5 @@ SPEC = register_study(StudySpec(
     summary="DenseNet-BC vs basic and bottleneck ResNets: error per parameter, MAC and second (DenseNet paper, Fig. 4)",
     presets=PRESETS, runs=runs, claims=claims, figures=figures, group_order=_order,
     label_columns=("family", "depth"), default_options={"margin": 0.5},
+    option_help={"margin": "points by which DenseNet-BC may trail the best ResNet and still reach its error"},
     setup_note="non-inferiority margin {margin} points for the DenseNet claims", extra_tables=extra_tables))

@@ -15,6 +15,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import NullFormatter
 
 from ..plots import PathLike, _band, _figure, _save
+from .report import count_text
 
 _FAMILY_STYLE = {"densenet-bc": dict(color="tab:green", marker="o"), "resnet": dict(color="tab:blue", marker="s"),
                  "resnet-bottleneck": dict(color="tab:purple", marker="^")}
@@ -72,8 +73,6 @@ def plot_bars(table: list[dict[str, Any]], path: PathLike, metrics: Sequence[tup
 
 
 def _params_text(n: Any) -> str:
-    from .report import count_text
-
     return f"{count_text(n)} params" if n else ""
 
 

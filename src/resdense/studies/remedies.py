@@ -52,24 +52,25 @@ def _depth(study: StudyConfig) -> int:
     return cifar_depth(study, 32)
 
 
-def _settings(study: StudyConfig, net_settings: dict[str, Any]) -> dict[str, Any]:
-    """A net's run settings, relative ones resolved against the preset (the L2 factor)."""
+def _settings(net_settings: dict[str, Any], preset_weight_decay: float) -> dict[str, Any]:
+    """A net's run settings, relative ones resolved against the preset's (the L2 factor)."""
     settings = dict(net_settings)
     factor = settings.pop("weight_decay_factor", None)
     if factor is not None:
-        base = run_config(study, SPEC, "probe", "cifar_plain", {"depth": _depth(study)}, 0).weight_decay
-        settings["weight_decay"] = factor * (base or 1e-4)
+        settings["weight_decay"] = factor * (preset_weight_decay or 1e-4)
     return settings
 
 
 def runs(study: StudyConfig) -> list[RunSpec]:
     depth = _depth(study)
+    # The weight decay every other run gets (recipe < preset < --set), which the L2 remedy multiplies.
+    weight_decay = run_config(study, SPEC, "plain", "cifar_plain", {"depth": depth}, 0).weight_decay
     out = []
     for seed in study.seeds:
         for net, (model, kwargs, settings, _) in NETS.items():
             group = group_name(net, depth)
             name = f"{group}-seed{seed}"
-            cfg = run_config(study, SPEC, name, model, {"depth": depth, **kwargs}, seed, _settings(study, settings))
+            cfg = run_config(study, SPEC, name, model, {"depth": depth, **kwargs}, seed, _settings(settings, weight_decay))
             out.append(RunSpec(name, group, seed, {"net": net, "depth": depth}, cfg))
     return out
 
@@ -139,4 +140,4 @@ SPEC = register_study(StudySpec(
     name="remedies", title="Remedies for the deep plain net: smaller batch, gradient clipping, L2 penalty",
     summary="the articles' fixes for vanishing/exploding gradients on plain-D, beside ResNet-D, with gradient norms",
     presets=PRESETS, runs=runs, claims=claims, figures=figures, group_order=_order,
-    label_columns=("net", "depth"), default_options={"depth": 32}, setup_note="depth {depth}"))
+    label_columns=("net", "depth"), default_options={"depth": 32}, option_help={"depth": "the one depth of every net, 6n+2"}, setup_note="depth {depth}"))

@@ -14,7 +14,7 @@ import json
 import re
 import statistics
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from .._io import atomic_write_text
 from ..errors import ConfigError
@@ -106,15 +106,19 @@ def _values(rows: list[dict[str, Any]]) -> dict[str, dict[str, dict[int, float]]
     return values
 
 
-def verdicts(spec: StudySpec, study: StudyConfig, rows: list[dict[str, Any]]) -> list[Verdict]:
-    """The decisions of the claims this preset tests."""
-    return decide_all([c for c in spec.claims(study, group_table(spec, rows)) if c.tested], _values(rows))
+def verdicts(spec: StudySpec, study: StudyConfig, rows: list[dict[str, Any]],
+             table: Optional[list[dict[str, Any]]] = None) -> list[Verdict]:
+    """The decisions of the claims this preset tests (``table``: the rows' group table, if at hand)."""
+    claims = spec.claims(study, table if table is not None else group_table(spec, rows))
+    return decide_all([c for c in claims if c.tested], _values(rows))
 
 
-def measurements(spec: StudySpec, study: StudyConfig, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def measurements(spec: StudySpec, study: StudyConfig, rows: list[dict[str, Any]],
+                 table: Optional[list[dict[str, Any]]] = None) -> list[dict[str, Any]]:
     """The contrasts of the claims this preset cannot test: measured, not decided."""
     values = _values(rows)
-    return [measure(c, values.get(c.metric, {})) for c in spec.claims(study, group_table(spec, rows)) if not c.tested]
+    claims = spec.claims(study, table if table is not None else group_table(spec, rows))
+    return [measure(c, values.get(c.metric, {})) for c in claims if not c.tested]
 
 
 def verdict_text(vs: list[Verdict]) -> str:
@@ -255,8 +259,8 @@ def build_report(study_dir: str | Path) -> dict[str, Any]:
         raise ConfigError(f"{out} holds no finished runs yet; run `resdense study {spec.name} --out {out}`")
     atomic_write_text(out / "results.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
     table = group_table(spec, rows)
-    vs = verdicts(spec, study, rows)
-    measured = measurements(spec, study, rows)
+    vs = verdicts(spec, study, rows, table)
+    measured = measurements(spec, study, rows, table)
     figures = spec.figures(rows, table, out)
     text = verdict_text([v for v in vs if v.headline])
     doc = {"study": spec.name, "table": table, "verdicts": [v.to_dict() for v in vs], "measured": measured,

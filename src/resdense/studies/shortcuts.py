@@ -17,6 +17,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Optional
 
+from .report import count_text
 from .spec import QUICK_CPU, SMOKE, RunSpec, StudyConfig, StudySpec, cifar_depth, register_study, run_config
 from .stats import Claim
 
@@ -70,8 +71,6 @@ def claims(study: StudyConfig, table: Optional[list[dict[str, Any]]] = None) -> 
 
 
 def extra_tables(study: StudyConfig, rows: list[dict[str, Any]], table: list[dict[str, Any]]) -> list[tuple[str, list[str], list[list[str]]]]:
-    from .report import count_text
-
     by = {t["shortcut"]: t for t in table}
     ref = by.get("A")
     body = []
@@ -106,5 +105,5 @@ SPEC = register_study(StudySpec(
     name="shortcuts", title="Shortcut options: none, A (zero-padding), B (projection where shapes change), C (projection everywhere)",
     summary="plain vs shortcut options A/B/C at one depth: error and parameters (ResNet paper, Table 3)",
     presets=PRESETS, runs=runs, claims=claims, figures=figures, group_order=_order,
-    label_columns=("shortcut", "depth"), default_options={"depth": 56},
+    label_columns=("shortcut", "depth"), default_options={"depth": 56}, option_help={"depth": "the one depth of every net, 6n+2"},
     setup_note="depth {depth}", extra_tables=extra_tables))

@@ -93,6 +93,7 @@ class StudySpec:
     label_columns: tuple[str, ...] = ()                     # labels shown in the table
     setup_note: str = ""                                    # what the report says about the setup
     default_options: dict[str, Any] = field(default_factory=dict)
+    option_help: dict[str, str] = field(default_factory=dict)  # option -> what it sets (`--help`)
     # More tables for the report: (title, header, rows) from the study, its rows and group table.
     extra_tables: Optional[Callable[[StudyConfig, list[dict[str, Any]], list[dict[str, Any]]],
                                     list[tuple[str, list[str], list[list[str]]]]]] = None

@@ -16,7 +16,13 @@ from ..errors import UserError
 
 
 class NonFiniteLossError(UserError):
-    """The loss became NaN or infinite; the run stops and keeps its last good checkpoint."""
+    """The loss became NaN or infinite; the run stops and keeps its last good checkpoint.
+    ``what`` says where (loss, step, lr) without the advice, for a run that finishes anyway."""
+
+    def __init__(self, loss: float, step: int, lr: float) -> None:
+        self.what = f"the loss became {loss} at step {step} (lr {lr:g})"
+        super().__init__(f"{self.what}; the run stopped and its last good checkpoint is kept: lower --lr or use "
+                         "--precision fp32, then --resume")
 
 
 class StopRequested(Exception):
@@ -115,9 +121,7 @@ def train_one_epoch(
             logits = model(x)
             loss = F.cross_entropy(logits, y, label_smoothing=label_smoothing)
         if not torch.isfinite(loss):
-            raise NonFiniteLossError(
-                f"the loss became {loss.item()} at step {state.step} (lr {lr:g}); the run stopped and its last "
-                "good checkpoint is kept: lower --lr or use --precision fp32, then --resume")
+            raise NonFiniteLossError(loss.item(), state.step, lr)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if grad_hook is not None:

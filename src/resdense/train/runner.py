@@ -354,7 +354,7 @@ def _train_locked(cfg: TrainConfig, run_dir: Path, resume: bool, flag_overrides:
 
     should_stop = _stop_check(stop, state, cfg.checkpoint_every)
     diverged: Optional[str] = None
-    while (state.step < ctx.total_steps or position is not None) and diverged is None:
+    while state.step < ctx.total_steps or position is not None:
         size = train_image_size(state.epoch, total_epochs, tuple(ctx.splits.image_size),
                                 short_run_min_scale(cfg, ctx.total_steps), cfg.resize_ramp, cfg.resize_step)
         progress = EpochProgress.from_dict(position["progress"]) if position else EpochProgress()
@@ -374,7 +374,7 @@ def _train_locked(cfg: TrainConfig, run_dir: Path, resume: bool, flag_overrides:
                     if cfg.on_divergence != "finish":
                         raise
                     # The loss is checked before its backward pass: the weights are the last finite ones.
-                    diverged = str(e).split(";")[0]
+                    diverged = e.what
                     log(f"{diverged}; on_divergence=finish: the run ends here and its weights are evaluated as they are")
                     break
                 progress = stats["progress"]
