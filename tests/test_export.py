@@ -125,6 +125,9 @@ def test_inference_model_matches_and_leaves_original():
 def test_bf16_detection_follows_cpu_flags(monkeypatch):
     import resdense.hardware as hw
 
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    monkeypatch.delenv("ATEN_CPU_CAPABILITY", raising=False)
+    assert hw.isa_cap() is None
     monkeypatch.setattr(hw, "_cpu_flags", lambda: frozenset({"sse2", "avx2"}))
     assert not bf16_supported("cpu")
     assert hw.resolve_precision("auto", torch.device("cpu")) is None  # fp32 where bf16 is emulated
@@ -133,6 +136,26 @@ def test_bf16_detection_follows_cpu_flags(monkeypatch):
     assert hw.resolve_precision("auto", torch.device("cpu")) == torch.bfloat16
     # With bf16 hardware, the default path autocasts (checked without running the model).
     assert inference_model(nn.Sequential(nn.Conv2d(3, 2, 1)), fold=False).autocast_dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("var, value, native", [
+    ("ONEDNN_MAX_CPU_ISA", "AVX2", False), ("ONEDNN_MAX_CPU_ISA", "avx512_core", False),
+    ("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_BF16", True), ("ONEDNN_MAX_CPU_ISA", "ALL", True),
+    ("ATEN_CPU_CAPABILITY", "avx2", False), ("ATEN_CPU_CAPABILITY", "avx512", True),
+])
+def test_bf16_detection_follows_an_isa_cap(monkeypatch, var, value, native):
+    """A CPU with AVX512-BF16 capped below it (one machine standing in for an older one) runs bf16
+    emulated, so auto picks fp32 there; the cap is what benchmarks record."""
+    import resdense.hardware as hw
+
+    monkeypatch.setattr(hw, "_cpu_flags", lambda: frozenset({"avx2", "avx512f", "avx512_bf16"}))
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    monkeypatch.delenv("ATEN_CPU_CAPABILITY", raising=False)
+    monkeypatch.setenv(var, value)
+    assert bf16_supported("cpu") is native
+    assert hw.resolve_precision("auto", torch.device("cpu")) == (torch.bfloat16 if native else None)
+    assert hw.resolve_precision("bf16", torch.device("cpu")) == torch.bfloat16  # forcing still forces
+    assert hw.isa_cap() == f"{var}={value}"
 
 
 @pytest.fixture(scope="module")

@@ -18,6 +18,8 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 import torch.nn as nn
 
+from ..hardware import bf16_supported, isa_cap
+
 Row = dict[str, Any]
 
 
@@ -114,6 +116,9 @@ def env_info(device: torch.device) -> dict[str, Any]:
         "torch": torch.__version__, "python": platform.python_version(), "cpu": cpu,
         "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "device": str(device),
         "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        # What the kernels may use: a capped process (isa_cap) stands in for an older CPU.
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(), "isa_cap": isa_cap(),
+        "bf16_native": bf16_supported(device),
     }
     if hasattr(os, "getloadavg"):
         info["loadavg_1m"] = round(os.getloadavg()[0], 2)
