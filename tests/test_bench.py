@@ -151,3 +151,21 @@ def test_time_to_accuracy_quick_reports_both_ways(tmp_path):
             assert (r[key] == r["curve"][0]["wall_s"]) if reached else r[key] is None
     doc = json.loads((tmp_path / "tta.json").read_text())
     assert doc["targets"] == [0.5, 0.6] and doc["rows"] == json.loads(json.dumps(rows))
+
+
+def test_a_process_capped_at_avx2_runs_and_records_fp32(tmp_path):
+    """One CPU standing in for an AVX2-only one (the cap must be set before torch loads, hence a
+    fresh process): bf16 counts as emulated whatever /proc/cpuinfo says, and the JSON says so."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}
+    proc = subprocess.run([sys.executable, "-m", "resdense", "bench", "peak", "--quick", "--threads", "1",
+                           "--out", str(tmp_path)], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads((tmp_path / "peak.json").read_text())
+    assert doc["env"]["isa_cap"] == "ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2"
+    assert doc["env"]["cpu_capability"] in ("AVX2", "DEFAULT")  # DEFAULT on a CPU without AVX2
+    assert doc["env"]["bf16_native"] is False
+    assert [(r["dtype"], r["native"]) for r in doc["rows"]] == [("fp32", True), ("bfloat16", False)]
