@@ -198,7 +198,7 @@ def test_a_full_disk_at_the_second_checkpoint_is_one_line_and_keeps_the_first(wh
     assert len(err) == 1, err
     line = err[0]
     for part in ("cannot write", "epoch-0002/state.pt", "disk is full", "free on its disk",
-                 "previous checkpoint", "(epoch 1, step 8) is intact", "--resume"):
+                 "previous checkpoint", "(end of epoch 1, step 8) is intact", "--resume"):
         assert part in line, line
     assert (run / "last").resolve().name == "epoch-0001" and leftovers(run) == []
     monkeypatch.undo()
@@ -219,7 +219,7 @@ def test_a_full_disk_writing_metrics_or_an_export_is_one_line(tmp_path, monkeypa
     run = tmp_path / "run"
     assert main(["train", *TINY, "--epochs", "1", "--out", str(run)]) == 2
     line = capsys.readouterr().err.strip()
-    assert "\n" not in line and "metrics.jsonl: the disk is full" in line and "(epoch 1, step 8) is intact" in line
+    assert "\n" not in line and "metrics.jsonl: the disk is full" in line and "(end of epoch 1, step 8) is intact" in line
     assert leftovers(run) == []
     out = tmp_path / "exports" / "model.safetensors"
     assert main(["export", "--model", "cifar_resnet", "-a", "depth=8", "--format", "safetensors",
@@ -261,7 +261,7 @@ def test_a_real_full_tmpfs_then_resume_after_freeing_space(whole, tiny_tmpfs, tm
     proc = subprocess.run(args, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and "the disk is full" in lines[0] and "(epoch 1, step 8) is intact" in lines[0], proc.stderr
+    assert len(lines) == 1 and "the disk is full" in lines[0] and "(end of epoch 1, step 8) is intact" in lines[0], proc.stderr
     assert "Traceback" not in proc.stderr and leftovers(run) == []
     ckpt.read_state((run / "last").resolve())  # the first checkpoint loads
     tiny_tmpfs(64 * 1024, remount=True)  # the user frees space

@@ -193,7 +193,7 @@ def test_study_resumes_without_retraining_finished_runs(tiny_study):
     assert [c[0] for c in second["calls"]] == [INTERRUPTED, "resnet14-seed0"]
     assert "(2 finished earlier, skipped)" in second["stdout"]
     assert f"{INTERRUPTED}: resuming" in second["stdout"] and "resnet14-seed0: training" in second["stdout"]
-    assert "at epoch 1, step 4" in second["stdout"]  # from its checkpoint, not from scratch
+    assert "at step 4 (after epoch 1)" in second["stdout"]  # from its checkpoint, not from scratch
     assert all(notes["finished_unchanged"].values()), notes["finished_unchanged"]
     metrics = (study / INTERRUPTED / "metrics.jsonl").read_text().splitlines()
     # Epoch 1 is the row written before the interruption, timings and all: it was not trained again.

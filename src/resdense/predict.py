@@ -10,6 +10,7 @@ import torch
 import torch.nn as nn
 
 from .errors import DataError
+from .limits import image_too_large
 
 
 class Predictor:
@@ -40,13 +41,18 @@ class Predictor:
 
         try:
             with Image.open(path) as img:
+                too_large = image_too_large(*img.size)
+                if too_large:
+                    raise DataError(f"image {path}: {too_large}")
                 img = img.convert("L" if self.in_chans == 1 else "RGB")
                 if img.size != (self.width, self.height):
                     img = img.resize((self.width, self.height), Image.BILINEAR)
                 arr = np.asarray(img, dtype=np.uint8)
         except FileNotFoundError:
             raise DataError(f"no such image: {path}") from None
-        except (UnidentifiedImageError, OSError) as e:
+        except IsADirectoryError:
+            raise DataError(f"{path} is a folder, not an image file; give image files") from None
+        except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
             raise DataError(f"cannot decode image {path}: {str(e).splitlines()[0][:100]}") from None
         if arr.ndim == 2:
             arr = arr[:, :, None]

@@ -12,6 +12,7 @@ import argparse
 import errno
 import importlib
 import sys
+import warnings
 from typing import Optional, Sequence
 
 from ..errors import UserError
@@ -41,6 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    # resdense refuses images above its own, lower pixel limit (resdense.limits) in one line;
+    # Pillow's warning about the same images would only be a second, noisier line.
+    warnings.filterwarnings("ignore", message=".*decompression bomb", category=Warning)
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)

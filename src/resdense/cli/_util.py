@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import ast
 import json
+import math
 from typing import Any
 
 from ..errors import UserError
@@ -27,22 +28,33 @@ def int_list(text: str) -> list[int]:
         values = [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"must be a comma-separated list of integers, e.g. 0,1,2; got {text!r}") from None
-    if not values or len(set(values)) != len(values):
+    if not values:
+        raise argparse.ArgumentTypeError(f"needs at least one integer, e.g. 0,1,2; got {text!r}")
+    if len(set(values)) != len(values):
         raise argparse.ArgumentTypeError(f"needs distinct values, e.g. 0,1,2; got {text!r}")
     return values
 
 
-def parse_overrides(items: list[str] | None) -> dict[str, Any]:
+# Words a user types for the non-finite floats (Python's literal syntax has none): parsed as
+# floats, so the setting's own check can say "must be finite" instead of "must be float".
+_NON_FINITE = {"nan": math.nan, "inf": math.inf, "+inf": math.inf, "-inf": -math.inf,
+               "infinity": math.inf, "-infinity": -math.inf}
+
+
+def parse_overrides(items: list[str] | None, flag: str = "--arg") -> dict[str, Any]:
     """['depth=110', 'shortcut=B'] -> {'depth': 110, 'shortcut': 'B'} (values as Python literals
-    where they parse as one, strings otherwise)."""
+    where they parse as one, strings otherwise). ``flag`` names the option in messages."""
     out: dict[str, Any] = {}
     for item in items or []:
         key, sep, value = item.partition("=")
         if not sep or not key.isidentifier():
-            raise UserError(f"--arg must look like key=value (e.g. depth=110); got {item!r}")
+            raise UserError(f"{flag} must look like key=value (e.g. {flag} depth=110); got {item!r}")
+        if value.strip().lower() in _NON_FINITE:
+            out[key] = _NON_FINITE[value.strip().lower()]
+            continue
         try:
             out[key] = ast.literal_eval(value)
-        except (ValueError, SyntaxError):
+        except (ValueError, SyntaxError, MemoryError, RecursionError):
             out[key] = value
     return out
 

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError, UserError
+from ..outputs import check_new_file
 from ._util import human, parse_overrides, parse_size
 
 
@@ -73,8 +74,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     if len(input_size) != 3:
         raise ConfigError("the checkpoint does not record its input size (C,H,W); export it with --model instead")
     out = args.out or default_stem.with_name(default_stem.name + FORMAT_SUFFIX[args.fmt])
-    if out.exists() and out.is_dir():
-        raise ConfigError(f"--out {out} is a directory; give a file path")
+    check_new_file(out)
     param = next(model.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
     example = torch.randn(args.batch, *input_size, generator=torch.Generator().manual_seed(0)).to(device)

@@ -130,7 +130,7 @@ def config_from_args(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
             flags[name] = getattr(args, name)
     if getattr(args, "arg", None):
         flags["model_kwargs"] = {**file_values.get("model_kwargs", {}), **parse_overrides(args.arg)}
-    flags.update(parse_overrides(getattr(args, "set", None)))
+    flags.update(parse_overrides(getattr(args, "set", None), "--set"))
     if flags.get("epochs") is not None:
         flags.setdefault("iterations", None)  # an explicit length replaces the recipe's
     if flags.get("iterations") is not None:
@@ -186,12 +186,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from ..data import load_dataset
     from ..data.loader import TensorLoader
     from ..hardware import resolve_device
+    from ..outputs import ANY_KIND, OUTPUT, check_writable, claim
     from ..plots import plot_confusion
     from .._io import atomic_write_text
     from ..train.checkpoint import load_for_inference
     from ..train.engine import evaluate
 
     model, meta = load_for_inference(args.checkpoint)
+    out_dir = Path(args.out) if args.out else Path(meta["checkpoint"]).parent.parent
+    check_writable(out_dir, OUTPUT, accept=ANY_KIND)  # before the evaluation: its cost is not wasted
     device = resolve_device("auto")
     model = model.to(device)
     cfg = meta.get("config", {})
@@ -214,8 +217,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise DataError(f"the {args.split} split of {meta['data']} is empty")
     loader = TensorLoader(data.images, data.labels, 500, mean=meta["mean"], std=meta["std"], device=device)
     res = evaluate(model, loader, device=device, tta_flip=args.tta_flip, num_classes=len(meta["classes"]))
-    out_dir = Path(args.out) if args.out else Path(meta["checkpoint"]).parent.parent
-    out_dir.mkdir(parents=True, exist_ok=True)
+    claim(out_dir, OUTPUT, accept=ANY_KIND)
     report = {"checkpoint": meta["checkpoint"], "data": splits.name, "split": args.split, "error": res["error"], "accuracy": 1 - res["error"],
               "loss": res["loss"], "n": res["n"], "classes": meta["classes"], "confusion": res["confusion"]}
     atomic_write_text(out_dir / f"eval_{args.split}.json", json.dumps(report, indent=2))

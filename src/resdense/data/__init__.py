@@ -10,6 +10,7 @@ from .datasets import (
     DatasetSplits,
     ImageSet,
     channel_stats,
+    check_available,
     dataset_names,
     load_dataset,
     search_dirs,
@@ -22,6 +23,6 @@ from .synthetic import make_synthetic
 
 __all__ = [
     "Augment", "DATASETS", "BadImageWarning", "TensorLoader", "DatasetSpec", "DatasetSplits", "ImageSet",
-    "cache_dir", "channel_stats", "dataset_names", "load_dataset", "make_synthetic",
+    "cache_dir", "channel_stats", "check_available", "dataset_names", "load_dataset", "make_synthetic",
     "search_dirs", "split_indices",
 ]

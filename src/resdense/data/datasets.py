@@ -455,6 +455,22 @@ def _resolve(name: str, data_dir: str | os.PathLike | None, download: bool,
                     f"or give an image folder (a directory path, or folder:PATH)")
 
 
+def check_available(name: str, data_dir: str | os.PathLike | None = None, *, download: bool = False) -> None:
+    """Refuse, in one line, a dataset that cannot be found, reading no image: the check a command
+    makes before it writes anything (a study's folder)."""
+    key = str(name).strip()
+    canonical = _NAMES.get(key.lower())
+    if canonical is not None:
+        spec = DATASETS[canonical]
+        if spec.files and not download:
+            locate(spec, data_dir)
+        return
+    path = key[len(FOLDER_PREFIX):] if key.startswith(FOLDER_PREFIX) else key
+    if not Path(path).expanduser().is_dir():
+        raise DataError(f"unknown dataset {name!r}: choose one of {', '.join(dataset_names())}, "
+                        f"or give an image folder (a directory path, or folder:PATH)")
+
+
 def load_dataset(name: str, data_dir: str | os.PathLike | None = None, *, download: bool = False,
                  val_size: int | None = None, split_seed: int = 0, bad_images: str = "error",
                  image_size: int | tuple[int, int] | None = None,

@@ -22,6 +22,7 @@ from typing import BinaryIO, Callable
 
 from .._io import atomic_write, atomic_write_bytes, fsync_dir, readable  # noqa: F401  (re-exported)
 from ..errors import DataError
+from ..limits import MAX_ARCHIVE_MEMBERS, MAX_UNPACKED_BYTES
 
 log = logging.getLogger(__name__)
 
@@ -144,9 +145,14 @@ def extract_tar(archive: str | os.PathLike, dest_dir: str | os.PathLike) -> None
     try:
         try:
             with tarfile.open(archive) as tar:
-                for member in tar.getmembers():
+                members, total = 0, 0
+                for member in tar:  # streamed: a header bomb stops at the bound, not after listing it all
                     if not (member.isfile() or member.isdir()):
                         raise DataError(f"{archive}: member {member.name} is not a plain file; refusing to unpack it")
+                    members, total = members + 1, total + member.size
+                    if members > MAX_ARCHIVE_MEMBERS or total > MAX_UNPACKED_BYTES:
+                        raise DataError(f"{archive}: holds more than {MAX_ARCHIVE_MEMBERS:,} files or "
+                                        f"{MAX_UNPACKED_BYTES:,} bytes, the most resdense unpacks; refusing it")
                 # The "data" filter also refuses absolute paths and '..' components.
                 tar.extractall(tmp, filter="data")
         except (tarfile.TarError, EOFError, OSError) as e:

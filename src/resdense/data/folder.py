@@ -38,6 +38,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from ..errors import ConfigError, DataError
+from ..limits import image_too_large
 from .download import atomic_write, atomic_write_bytes
 
 log = logging.getLogger(__name__)
@@ -117,6 +118,10 @@ def scan_folder(root: Path, test_ratio: float = 0.1) -> tuple[list[str], dict[st
     classes = sorted(d.name for d in base.iterdir() if d.is_dir() and not d.name.startswith("."))
     if not classes:
         raise DataError(f"{base} has no class subfolders; expected {base}/<class>/*.png (or .jpg, .jpeg, .bmp, .webp)")
+    if len(classes) < 2:
+        # One class trains to a perfect, meaningless score: every answer is right.
+        raise DataError(f"{base} has one class subfolder ({classes[0]}); a classifier needs two or more, "
+                        f"one subfolder per class")
     index = {c: i for i, c in enumerate(classes)}
     groups = {"train": _list_split(root, base, index, every_class=True)}
     if nested:
@@ -205,7 +210,7 @@ def _header(path: Path) -> tuple[tuple[int, int], str] | str:
     """((width, height), mode) from the file header, or the error text if Pillow cannot read it."""
     try:
         with Image.open(path) as im:
-            return im.size, im.mode
+            return image_too_large(*im.size) or (im.size, im.mode)
     except UnidentifiedImageError:
         return "not an image file Pillow recognises"
     except (OSError, ValueError, Image.DecompressionBombError, SyntaxError) as e:
@@ -258,6 +263,9 @@ def _decode_one(path: Path, size: tuple[int, int], chans: int) -> np.ndarray | s
     """(H, W, C) uint8 pixels at ``size``, or the error text if the file cannot be decoded."""
     try:
         with Image.open(path) as im:
+            too_large = image_too_large(*im.size)  # the header again: the file may have changed since
+            if too_large:
+                return too_large
             im.load()
             if im.mode.startswith("I;16"):
                 # 16-bit greyscale: keep the high byte rather than clipping at 255.

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import io
 import math
 import os
 import struct
@@ -23,6 +24,7 @@ import numpy as np
 import torch
 
 from ..errors import DataError
+from ..limits import MAX_UNPACKED_BYTES
 
 IMAGES_MAGIC = 0x00000803
 LABELS_MAGIC = 0x00000801
@@ -42,9 +44,14 @@ def read_bytes(path: str | os.PathLike) -> bytes:
         raise DataError(f"{path}: cannot read it ({e.strerror})") from None
     if raw[:2] == _GZIP_MAGIC or path.suffix == ".gz":
         try:
-            return gzip.decompress(raw)
+            with gzip.GzipFile(fileobj=io.BytesIO(raw)) as f:
+                data = f.read(MAX_UNPACKED_BYTES + 1)  # a gzip "bomb" stops here, not at the memory's end
         except (OSError, EOFError, zlib.error) as e:  # BadGzipFile is an OSError
             raise DataError(f"{path}: not a valid gzip file ({e}); {_REFETCH}") from None
+        if len(data) > MAX_UNPACKED_BYTES:
+            raise DataError(f"{path}: unpacks to more than {MAX_UNPACKED_BYTES:,} bytes, the most resdense reads "
+                            f"from one file; {_REFETCH}")
+        return data
     return raw
 
 

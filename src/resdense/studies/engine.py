@@ -21,7 +21,10 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from .._io import atomic_write_text
-from ..errors import ConfigError
+from ..data import check_available
+from ..errors import ConfigError, WriteError
+from ..limits import bound_jobs
+from ..outputs import RUN, STUDY, claim
 from ..runlock import RunLock, owner
 from .spec import RunSpec, StudyConfig, StudySpec, get_study
 
@@ -63,7 +66,7 @@ def write_study_file(out: Path, study: StudyConfig, log: Log) -> None:
 def _train_run(run: RunSpec, lock: RunLock, quiet: bool) -> None:
     from ..train.runner import train
 
-    run_dir = Path(run.config.out)
+    run_dir = claim(run.config.out, RUN)  # before its train.log: the folder is a run's from the start
     # A worker of --jobs N: the run's own log goes beside it, the screen shows progress.
     with open(run_dir / "train.log", "a") if quiet else contextlib.nullcontext() as f:
         with contextlib.redirect_stdout(f) if f is not None else contextlib.nullcontext():
@@ -239,9 +242,12 @@ def run_study(study: StudyConfig, jobs: int = 1, log: Log = print) -> dict[str, 
         raise ConfigError(f"--jobs must be positive; got {jobs}")
     runs = spec.runs(study)  # a bad preset or option fails here, before anything is written
     check_models(runs)
-    out = Path(study.out)
-    out.mkdir(parents=True, exist_ok=True)
+    check_available(study.data, study.data_dir)
+    out = claim(study.out, STUDY)
     write_study_file(out, study, log)
+    jobs, bounded = bound_jobs(jobs, sum(not finished(Path(r.config.out)) for r in runs))
+    if bounded:
+        log(bounded)
     progress = Progress(runs, jobs)
     log(f"{spec.name}: {len(runs)} runs in {out}, {jobs} at a time" + _skip_note(runs))
     try:
@@ -258,6 +264,10 @@ def run_study(study: StudyConfig, jobs: int = 1, log: Log = print) -> dict[str, 
         raise
     except KeyboardInterrupt as e:  # Ctrl-C, SIGTERM (a run's TrainingStopped): say how to continue
         raise _stopped(out, e) from None
+    except WriteError as e:  # a full disk: the run's message tells how to resume that run alone
+        what = str(e).split("; continue with")[0]
+        raise WriteError(f"{what}; free some space, then run the same `resdense study` command again to continue "
+                         f"{out}", e.errno, e.filename) from None
     log(progress.line())
     unfinished = [r for r in runs if not finished(Path(r.config.out))]
     if unfinished:

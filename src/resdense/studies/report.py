@@ -18,6 +18,7 @@ from typing import Any, Optional
 
 from .._io import atomic_write_text
 from ..errors import ConfigError
+from ..outputs import check_new_file
 from .spec import METRICS, StudyConfig, StudySpec, get_study
 from .stats import CONFIDENCE, Verdict, decide_all, measure, summary_line
 
@@ -305,6 +306,9 @@ def build_report(study_dir: str | Path) -> dict[str, Any]:
             "lines": [summary_line(v) for v in vs], "figures": [str(out / n) for n, _ in figures]}
 
 
+INDEX_TITLE = "resdense studies"
+
+
 def build_index(folder: str | Path) -> dict[str, Any]:
     """Redraw the report of every study directly inside ``folder`` and write ``folder/index.html``
     (and ``index.md``): one row per study with its claims' decisions and a link to its report."""
@@ -313,6 +317,8 @@ def build_index(folder: str | Path) -> dict[str, Any]:
     if not studies:
         raise ConfigError(f"{root} holds no study folders (none has a study.json); run `resdense study NAME --out "
                           f"{root}/NAME` first")
+    for name, signature in (("index.md", INDEX_TITLE), ("index.html", f"<title>{INDEX_TITLE}</title>")):
+        check_new_file(root / name, "the index", signature)  # before any report is redrawn
     entries = []
     for study_dir in studies:
         try:
@@ -322,7 +328,7 @@ def build_index(folder: str | Path) -> dict[str, Any]:
             continue
         spec = get_study(report["study"])
         entries.append({"dir": study_dir.name, "title": spec.title, "verdicts": report["verdicts"], "note": ""})
-    md = ["# resdense studies", "", "| study | claim | difference (points) | decision | report |", "|---|---|---|---|---|"]
+    md = [f"# {INDEX_TITLE}", "", "| study | claim | difference (points) | decision | report |", "|---|---|---|---|---|"]
     rows_html = []
     for e in entries:
         link = f"{e['dir']}/report.html"
@@ -337,8 +343,8 @@ def build_index(folder: str | Path) -> dict[str, Any]:
                           f"<a href='{html.escape(link)}'>{html.escape(e['dir'])} report</a></td>") if i == 0 else ""
             rows_html.append("<tr>" + study_cell + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>")
     atomic_write_text(root / "index.md", "\n".join(md) + "\n")
-    body = ("<h1>resdense studies</h1><table class='index'><thead><tr><th>study</th><th>claim</th>"
+    body = (f"<h1>{INDEX_TITLE}</h1><table class='index'><thead><tr><th>study</th><th>claim</th>"
             "<th>difference (points)</th><th>decision</th></tr></thead><tbody>"
             + "".join(rows_html) + "</tbody></table>")
-    atomic_write_text(root / "index.html", html_page("resdense studies", body))
+    atomic_write_text(root / "index.html", html_page(INDEX_TITLE, body))
     return {"studies": [e["dir"] for e in entries], "index": str(root / "index.html")}

@@ -252,7 +252,11 @@ def describe_resume_point(run_dir: Path) -> str:
         return f"no checkpoint was written in {run_dir} yet"
     try:
         meta = read_meta(point)
-        where = f" (epoch {int(meta['epoch'])}, step {int(meta['step'])})"
+        epoch, step = int(meta["epoch"]), int(meta["step"])
+        # meta's epoch counts finished epochs; a mid-epoch checkpoint (step-N) sits inside the next
+        # one, which the stop line numbers from 1 ("epoch 2, batch 9 of 16"): say it the same way.
+        inside = point.name.startswith("step-")
+        where = f" (step {step}, inside epoch {epoch + 1})" if inside else f" (end of epoch {epoch}, step {step})"
     except (CheckpointError, KeyError, TypeError, ValueError):
         where = ""
     return f"the previous checkpoint {Path(run_dir) / 'last'}{where} is intact"

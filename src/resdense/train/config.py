@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 from ..errors import ConfigError
+from ..limits import check_config_size, check_config_tree
 
 
 @dataclass
@@ -157,14 +158,19 @@ def apply_overrides(cfg: TrainConfig, overrides: dict[str, Any], source: str) ->
 def load_config_file(path: str | Path) -> dict[str, Any]:
     """Settings from a YAML or JSON file (a mapping of TrainConfig fields)."""
     path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in (".yaml", ".yml", ".json"):
+        raise ConfigError(f"config file {path} must be YAML (.yaml, .yml) or JSON (.json), by its name; "
+                          f"got {suffix or 'no extension'}")
     try:
+        check_config_size(path.stat().st_size, f"config file {path}")
         text = path.read_text(encoding="utf-8")
     except OSError as e:
         raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
     except UnicodeDecodeError as e:
         raise ConfigError(f"config file {path} is not UTF-8 text (byte {e.start}); save it as UTF-8 YAML or JSON") from None
     try:
-        if path.suffix.lower() in (".yaml", ".yml"):
+        if suffix in (".yaml", ".yml"):
             import yaml
 
             data = yaml.safe_load(text)
@@ -172,9 +178,10 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
             data = json.loads(text)
     except Exception as e:  # yaml.YAMLError / json.JSONDecodeError: either way the file is malformed
         detail = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise ConfigError(f"config file {path} is not valid {path.suffix.lstrip('.').upper() or 'JSON'}: {detail}") from None
+        raise ConfigError(f"config file {path} is not valid {suffix.lstrip('.').upper()}: {detail}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping of settings, not {type(data).__name__}")
+    check_config_tree(data, f"config file {path}")  # before anything walks it: an alias bomb stays unexpanded
     return data
 
 

@@ -11,7 +11,6 @@ no optimiser, so ``train --resume`` refuses it with a pointer to ``--init-from``
 from __future__ import annotations
 
 import hashlib
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -21,7 +20,8 @@ import torch.nn as nn
 from ..errors import ConfigError, UserError
 from ..models.importers import (LAYOUTS, Layout, build_from_state_dict, detect_layout, find_state_dict,
                                 read_checkpoint, rename_keys)
-from ..runlock import LOCK_FILE, RunLock
+from ..outputs import RUN, check_writable, clear, mark
+from ..runlock import RunLock
 from . import checkpoint as ckpt
 
 
@@ -107,10 +107,8 @@ def import_checkpoint(req: ImportRequest) -> Imported:
     if req.fmt not in ("auto", "resdense", *LAYOUTS):
         raise ConfigError(f"--format must be auto, resdense or one of {', '.join(LAYOUTS)}; got {req.fmt!r}")
     out = Path(req.out)
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out {out} is a file, not a directory; choose another --out")
-    if out.is_dir() and any(p.name != LOCK_FILE for p in out.iterdir()) and not req.overwrite:
-        raise UserError(f"{out} is not empty; choose a new --out or pass --overwrite to replace it")
+    if check_writable(out, RUN) is not None and not req.overwrite:
+        raise UserError(f"{out} already holds a run; choose a new --out or pass --overwrite to replace it")
     model, found = _load(req)  # everything is checked before anything is written
     layout: Optional[Layout] = found.pop("layout")
     kwargs = {k: v for k, v in found.get("model_kwargs", {}).items()}
@@ -130,10 +128,9 @@ def import_checkpoint(req: ImportRequest) -> Imported:
     lock = RunLock(out)
     lock.acquire()
     try:
+        mark(out, RUN)
         if req.overwrite:
-            for path in out.iterdir():
-                if path.name != LOCK_FILE:
-                    shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+            clear(out, RUN)
         written = ckpt.save_checkpoint(out, 0, model, {"step": 0, "epoch": 0, "imported": meta["imported"]}, meta,
                                        is_best=True)
     finally:

@@ -13,7 +13,6 @@ import json
 import math
 import os
 import random
-import shutil
 import statistics
 import sys
 import time
@@ -32,7 +31,8 @@ from ..data.loader import Augment, TensorLoader
 from ..errors import CheckpointError, ConfigError, UserError, WriteError
 from ..hardware import resolve_device, resolve_precision
 from ..models import create_model
-from ..runlock import LOCK_FILE, RunLock
+from ..outputs import RUN, SEEDS, check_writable, claim, clear, is_empty, kind_of, mark
+from ..runlock import RunLock
 from . import checkpoint as ckpt
 from . import finetune
 from .config import TrainConfig, apply_overrides, validate
@@ -204,29 +204,28 @@ def _write_metrics(run_dir: Path, rows: list[dict[str, Any]]) -> None:
 
 
 def _holds_a_run(run_dir: Path) -> bool:
-    return run_dir.is_dir() and any(p.name != LOCK_FILE for p in run_dir.iterdir())
+    return kind_of(run_dir) == RUN.name and not is_empty(run_dir)
 
 
 def prepare_run_dir(cfg: TrainConfig, resume: bool, overwrite: bool, lock: Optional[RunLock] = None) -> tuple[Path, RunLock]:
     """Check ``--out`` against ``--resume``/``--overwrite`` and lock it for this process (a second
     process in the same directory is refused with the first one's id). Returns the directory and
-    the held lock."""
+    the held lock. A folder resdense did not make is refused before anything is written in it;
+    ``--overwrite`` deletes only what a run is made of (see :mod:`resdense.outputs`)."""
     if cfg.out is None:
         raise ConfigError("--out RUN_DIR is required: where the run's checkpoints and metrics go")
     if resume and overwrite:
         raise ConfigError("--resume and --overwrite contradict each other; pick one")
     run_dir = Path(cfg.out)
-    if run_dir.exists() and not run_dir.is_dir():
-        raise ConfigError(f"--out {run_dir} is a file, not a directory; choose another --out")
+    check_writable(run_dir, RUN)
     if _holds_a_run(run_dir) and not resume and not overwrite:
         raise UserError(f"{run_dir} already holds a run; pass --resume to continue it or --overwrite to replace it")
     lock = lock or RunLock(run_dir)
     lock.acquire()
     ckpt.remove_stale_temporaries(run_dir)  # a killed writer's leftovers: ours to clean now we hold the lock
-    if overwrite and _holds_a_run(run_dir):
-        for path in run_dir.iterdir():
-            if path.name != LOCK_FILE:
-                shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+    mark(run_dir, RUN)
+    if overwrite:
+        clear(run_dir, RUN)
     return run_dir, lock
 
 
@@ -317,8 +316,9 @@ def _train_locked(cfg: TrainConfig, run_dir: Path, resume: bool, flag_overrides:
         position = saved.get("position")
         if position is not None:
             wall_offset = position["wall_time"]
-        log(f"resuming {run_dir} at epoch {state.epoch}, step {state.step}"
-            + (f" (batch {position['batch']} of the epoch)" if position else ""))
+        # Epochs numbered as the stop line numbers them: a mid-epoch point is inside epoch N+1.
+        log(f"resuming {run_dir} at step {state.step} "
+            + (f"(epoch {state.epoch + 1}, batch {position['batch']})" if position else f"(after epoch {state.epoch})"))
     elif resume:
         log(f"nothing to resume in {run_dir}; starting a new run")
     if point is None and cfg.init_from is not None:  # a resumed fine-tune continues from its own weights
@@ -568,6 +568,8 @@ def train_seeds(cfg: TrainConfig, seeds: list[int], **kwargs: Any) -> dict[str, 
     """One run per seed in ``OUT/seed<N>``; returns mean ± std of the test errors."""
     if cfg.out is None:
         raise ConfigError("--out RUN_DIR is required")
+    if is_main_process():
+        claim(cfg.out, SEEDS)
     rows = []
     for seed in seeds:
         run_cfg = apply_overrides(cfg, {"seed": seed, "out": str(Path(cfg.out) / f"seed{seed}")}, "--seeds")
