@@ -1,181 +1,48 @@
 """ResNet (He et al. 2015), pre-activation ResNet (He et al. 2016) and their plain twins.
 
-One class builds them all from a spec: a block type, the number of blocks per stage, the
-stage widths, the stem, and the shortcut kind. A plain twin is the same spec with
+One class builds them all from a spec: a block type (:mod:`.blocks`), the number of blocks per
+stage, the stage widths, the stem, and the shortcut kind. A plain twin is the same spec with
 ``shortcut="none"``. Module names follow torchvision (``conv1, bn1, layer1..4, fc`` and, in a
 block, ``conv1, bn1, ..., downsample``), so its ``state_dict`` loads with ``strict=True``.
+
+Every registered variant below is a function that passes its spec (block, blocks per stage)
+and forwards the caller's settings; a setting the variant fixes or ResNet does not take is a
+one-line :class:`~resdense.errors.ConfigError`.
 """
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from types import MappingProxyType
+from typing import Any, Mapping, Optional, Sequence
 
 import torch
 import torch.nn as nn
 
 from ..errors import ConfigError
 from ._registry import PaperFigures, register_model
+from .blocks import BasicBlock, Bottleneck, PreActBasicBlock, PreActBottleneck, ResidualBlock
 from .layers import (
     ActLayer,
     ClassifierModel,
     NormLayer,
+    build_model,
     check_positive,
-    conv1x1,
-    conv3x3,
+    check_settings,
     init_weights,
     make_act,
-    make_shortcut,
     resolve_norm,
 )
 
-
-class BasicBlock(nn.Module):
-    """Two 3x3 convolutions; ``relu(F(x) + shortcut(x))``."""
-
-    expansion = 1
-    preact = False
-
-    def __init__(self, in_chs: int, planes: int, stride: int, shortcut: str,
-                 norm_layer: NormLayer, act_layer: ActLayer, stride_in_1x1: bool = False) -> None:
-        super().__init__()
-        self.conv1 = conv3x3(in_chs, planes, stride)
-        self.bn1 = norm_layer(planes)
-        self.relu = make_act(act_layer)
-        self.conv2 = conv3x3(planes, planes)
-        self.bn2 = norm_layer(planes)
-        self.downsample, self.use_shortcut = make_shortcut(shortcut, in_chs, planes, stride, norm_layer)
-
-    def zero_init_last(self) -> None:
-        if self.use_shortcut:  # a plain net with a zeroed branch would pass no signal at all
-            # Without a norm layer (norm_layer="none") the branch's last conv is zeroed instead.
-            nn.init.zeros_(self.bn2.weight if hasattr(self.bn2, "weight") else self.conv2.weight)
-
-    def forward_shortcut(self, x: torch.Tensor) -> torch.Tensor:
-        """The block with its residual branch deleted (a lesion, Veit et al. 2016)."""
-        return self.relu(x if self.downsample is None else self.downsample(x))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        if self.use_shortcut:
-            # Out of place: hooks that keep bn2's output (layer responses) must see it unsummed.
-            out = out + (x if self.downsample is None else self.downsample(x))
-        return self.relu(out)
-
-
-class Bottleneck(nn.Module):
-    """1x1 reduce, 3x3, 1x1 expand (x4). The stride sits on the 3x3 (torchvision, "v1.5") or,
-    with ``stride_in_1x1``, on the first 1x1 as in the paper ("v1")."""
-
-    expansion = 4
-    preact = False
-
-    def __init__(self, in_chs: int, planes: int, stride: int, shortcut: str,
-                 norm_layer: NormLayer, act_layer: ActLayer, stride_in_1x1: bool = False) -> None:
-        super().__init__()
-        out_chs = planes * self.expansion
-        s1, s3 = (stride, 1) if stride_in_1x1 else (1, stride)
-        self.conv1 = conv1x1(in_chs, planes, s1)
-        self.bn1 = norm_layer(planes)
-        self.conv2 = conv3x3(planes, planes, s3)
-        self.bn2 = norm_layer(planes)
-        self.conv3 = conv1x1(planes, out_chs)
-        self.bn3 = norm_layer(out_chs)
-        self.relu = make_act(act_layer)
-        self.downsample, self.use_shortcut = make_shortcut(shortcut, in_chs, out_chs, stride, norm_layer)
-
-    def zero_init_last(self) -> None:
-        if self.use_shortcut:
-            nn.init.zeros_(self.bn3.weight if hasattr(self.bn3, "weight") else self.conv3.weight)
-
-    def forward_shortcut(self, x: torch.Tensor) -> torch.Tensor:
-        """The block with its residual branch deleted (a lesion, Veit et al. 2016)."""
-        return self.relu(x if self.downsample is None else self.downsample(x))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.relu(self.bn2(self.conv2(out)))
-        out = self.bn3(self.conv3(out))
-        if self.use_shortcut:
-            out = out + (x if self.downsample is None else self.downsample(x))
-        return self.relu(out)
-
-
-class PreActBasicBlock(nn.Module):
-    """BN-ReLU-conv twice; ``F(x) + shortcut(x)`` with nothing after the addition, so the
-    identity path is clean (He et al. 2016). A projection sees the pre-activated input."""
-
-    expansion = 1
-    preact = True
-
-    def __init__(self, in_chs: int, planes: int, stride: int, shortcut: str,
-                 norm_layer: NormLayer, act_layer: ActLayer, stride_in_1x1: bool = False) -> None:
-        super().__init__()
-        self.bn1 = norm_layer(in_chs)
-        self.relu = make_act(act_layer)
-        self.conv1 = conv3x3(in_chs, planes, stride)
-        self.bn2 = norm_layer(planes)
-        self.conv2 = conv3x3(planes, planes)
-        self.downsample, self.use_shortcut = make_shortcut(shortcut, in_chs, planes, stride, None)
-
-    def zero_init_last(self) -> None:
-        if self.use_shortcut:
-            nn.init.zeros_(self.conv2.weight)
-
-    def forward_shortcut(self, x: torch.Tensor) -> torch.Tensor:
-        """The block with its residual branch deleted (a lesion, Veit et al. 2016)."""
-        return x if self.downsample is None else self.downsample(self.relu(self.bn1(x)))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        pre = self.relu(self.bn1(x))
-        out = self.conv2(self.relu(self.bn2(self.conv1(pre))))
-        if self.use_shortcut:
-            out = out + (x if self.downsample is None else self.downsample(pre))
-        return out
-
-
-class PreActBottleneck(nn.Module):
-    """Pre-activation bottleneck: BN-ReLU-1x1, BN-ReLU-3x3, BN-ReLU-1x1 (x4), clean identity."""
-
-    expansion = 4
-    preact = True
-
-    def __init__(self, in_chs: int, planes: int, stride: int, shortcut: str,
-                 norm_layer: NormLayer, act_layer: ActLayer, stride_in_1x1: bool = False) -> None:
-        super().__init__()
-        out_chs = planes * self.expansion
-        s1, s3 = (stride, 1) if stride_in_1x1 else (1, stride)
-        self.bn1 = norm_layer(in_chs)
-        self.relu = make_act(act_layer)
-        self.conv1 = conv1x1(in_chs, planes, s1)
-        self.bn2 = norm_layer(planes)
-        self.conv2 = conv3x3(planes, planes, s3)
-        self.bn3 = norm_layer(planes)
-        self.conv3 = conv1x1(planes, out_chs)
-        self.downsample, self.use_shortcut = make_shortcut(shortcut, in_chs, out_chs, stride, None)
-
-    def zero_init_last(self) -> None:
-        if self.use_shortcut:
-            nn.init.zeros_(self.conv3.weight)
-
-    def forward_shortcut(self, x: torch.Tensor) -> torch.Tensor:
-        """The block with its residual branch deleted (a lesion, Veit et al. 2016)."""
-        return x if self.downsample is None else self.downsample(self.relu(self.bn1(x)))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        pre = self.relu(self.bn1(x))
-        out = self.relu(self.bn2(self.conv1(pre)))
-        out = self.conv3(self.relu(self.bn3(self.conv2(out))))
-        if self.use_shortcut:
-            out = out + (x if self.downsample is None else self.downsample(pre))
-        return out
+# What the builder passes to every block itself; block_kwargs may set anything else a block takes.
+_BLOCK_ARGS = ("in_chs", "planes", "stride", "shortcut", "norm_layer", "act_layer", "stride_in_1x1")
 
 
 class ResNet(ClassifierModel):
     """A residual (or, with ``shortcut="none"``, plain) network built from a spec.
 
     Args:
-        block: a block class (``BasicBlock``, ``Bottleneck``, ``PreActBasicBlock``, ``PreActBottleneck``).
+        block: a :class:`~resdense.models.blocks.ResidualBlock` class (``BasicBlock``,
+            ``Bottleneck``, ``PreActBasicBlock``, ``PreActBottleneck``).
         layers: blocks per stage, e.g. ``(3, 4, 6, 3)``.
         widths: the width (``planes``) of each stage; a bottleneck's output is 4x this.
         stem_width: channels of the first convolution (default: ``widths[0]``).
@@ -183,12 +50,15 @@ class ResNet(ClassifierModel):
         shortcut: ``"A"``, ``"B"``, ``"C"`` or ``"none"`` (the plain twin).
         stride_in_1x1: bottlenecks only: stride on the first 1x1 (paper) instead of the 3x3.
         zero_init_last: start each residual branch at zero (off by default, as in the papers).
+        drop_rate: dropout before the classifier.
         norm_layer, act_layer: injected layers (default ``BatchNorm2d`` and ``ReLU``).
+        block_kwargs: further keyword settings for every block, e.g. ``{"drop_rate": 0.3}``
+            (dropout inside each branch, as in a Wide ResNet).
     """
 
     def __init__(
         self,
-        block: type[nn.Module],
+        block: type[ResidualBlock],
         layers: Sequence[int],
         widths: Sequence[int] = (64, 128, 256, 512),
         num_classes: int = 1000,
@@ -203,12 +73,10 @@ class ResNet(ClassifierModel):
         drop_rate: float = 0.0,
         norm_layer: Optional[NormLayer] = None,
         act_layer: Optional[ActLayer] = None,
+        block_kwargs: Optional[Mapping[str, Any]] = None,
     ) -> None:
         super().__init__()
-        if len(layers) != len(widths) or not layers:
-            raise ConfigError(f"layers {tuple(layers)} and widths {tuple(widths)} must have the same, non-zero length")
-        for n in layers:
-            check_positive("blocks per stage", n)
+        _check_spec(block, layers, widths, block_kwargs)
         self.num_classes = check_positive("num_classes", num_classes)
         self.in_chans = check_positive("in_chans", in_chans)
         norm_layer = resolve_norm(norm_layer)
@@ -223,18 +91,9 @@ class ResNet(ClassifierModel):
         self.relu = nn.Identity() if preact else make_act(act_layer)
         self.maxpool = nn.MaxPool2d(3, 2, 1) if stem_pool else nn.Identity()
 
-        in_chs = stem_width
-        names = []
-        for i, (n_blocks, planes) in enumerate(zip(layers, widths)):
-            stage_stride = 1 if i == 0 else 2
-            blocks = []
-            for j in range(n_blocks):
-                blocks.append(block(in_chs, planes, stage_stride if j == 0 else 1, shortcut,
-                                    norm_layer, act_layer, stride_in_1x1))
-                in_chs = planes * block.expansion
-            names.append(f"layer{i + 1}")
-            self.add_module(names[-1], nn.Sequential(*blocks))
-        self.stage_names = tuple(names)
+        block_args = dict(block_kwargs or {}, shortcut=shortcut, norm_layer=norm_layer, act_layer=act_layer,
+                          stride_in_1x1=stride_in_1x1)
+        in_chs = self._make_stages(block, layers, widths, stem_width, block_args)
         self.num_features = in_chs
         # Pre-activation nets end with the BN-ReLU the last block left out.
         self.final_norm = norm_layer(in_chs) if preact else nn.Identity()
@@ -244,7 +103,27 @@ class ResNet(ClassifierModel):
         self.head_name = "fc"
         # Every op pads or pools adaptively, so any input of at least one pixel works.
         self.min_input_size = 1
-        init_weights(self, zero_init_last)
+        init_weights(self)
+        if zero_init_last:
+            for m in self.modules():
+                if isinstance(m, ResidualBlock):
+                    m.zero_init_last()
+
+    def _make_stages(self, block: type[ResidualBlock], layers: Sequence[int], widths: Sequence[int],
+                     in_chs: int, block_args: dict[str, Any]) -> int:
+        """Add ``layer1..layerN``; the first block of every stage but the first halves the map.
+        Returns the channels of the last stage's output."""
+        names = []
+        for i, (n_blocks, planes) in enumerate(zip(layers, widths)):
+            blocks = []
+            for j in range(n_blocks):
+                stride = 2 if i > 0 and j == 0 else 1
+                blocks.append(block(in_chs=in_chs, planes=planes, stride=stride, **block_args))
+                in_chs = planes * block.expansion
+            names.append(f"layer{i + 1}")
+            self.add_module(names[-1], nn.Sequential(*blocks))
+        self.stage_names = tuple(names)
+        return in_chs
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
@@ -257,6 +136,19 @@ class ResNet(ClassifierModel):
         if self.drop_rate > 0:
             x = nn.functional.dropout(x, self.drop_rate, self.training)
         return x if pre_logits else self.fc(x)
+
+
+def _check_spec(block: type, layers: Sequence[int], widths: Sequence[int],
+                block_kwargs: Optional[Mapping[str, Any]]) -> None:
+    if not (isinstance(block, type) and issubclass(block, ResidualBlock)):
+        raise ConfigError(f"block must be a ResidualBlock class (e.g. BasicBlock); got {block!r}")
+    if len(layers) != len(widths) or not layers:
+        raise ConfigError(f"layers {tuple(layers)} and widths {tuple(widths)} must have the same, non-zero length")
+    for n in layers:
+        check_positive("blocks per stage", n)
+    if block_kwargs is not None and not isinstance(block_kwargs, Mapping):
+        raise ConfigError(f"block_kwargs must be a mapping of block settings, e.g. {{'drop_rate': 0.3}}; got {block_kwargs!r}")
+    check_settings(block, block_kwargs or {}, fixed=_BLOCK_ARGS, owner=f"block_kwargs of {block.__name__}")
 
 
 # --- variants --------------------------------------------------------------------------------
