@@ -153,44 +153,63 @@ def _check_spec(block: type, layers: Sequence[int], widths: Sequence[int],
 
 # --- variants --------------------------------------------------------------------------------
 
-_IMAGENET_LAYERS = {
+_CIFAR_DEFAULTS = MappingProxyType({"num_classes": 10, "shortcut": "A"})
+_IMAGENET_WIDTHS = (64, 128, 256, 512)
+
+
+def _cifar(block: type[ResidualBlock], n: int, settings: Mapping[str, Any], **fixed: Any) -> ResNet:
+    """A CIFAR-style ResNet (He et al. 2015, Sec. 4.2): 3x3 stem, no pooling, three stages of
+    ``n`` blocks and 16/32/64 planes; 10 classes and shortcut option A unless ``settings`` say
+    otherwise. ``fixed`` adds to the spec what a variant does not let a caller change."""
+    spec = dict(block=block, layers=(n, n, n), widths=(16, 32, 64), stem_kernel=3, stem_stride=1,
+                stem_pool=False, **fixed)
+    return build_model(ResNet, spec, settings, _CIFAR_DEFAULTS)
+
+
+def _imagenet(block: type[ResidualBlock], layers: Sequence[int], settings: Mapping[str, Any], **fixed: Any) -> ResNet:
+    """An ImageNet-style ResNet (Table 1 of the paper): 7x7 stride-2 stem, max-pool, four stages
+    of 64/128/256/512 planes, shortcut option B unless ``settings`` say otherwise."""
+    spec = dict(block=block, layers=tuple(layers), widths=_IMAGENET_WIDTHS, **fixed)
+    return build_model(ResNet, spec, settings)
+
+
+def _cifar_depth(depth: int, bottleneck: bool, preact: bool) -> tuple[type[ResidualBlock], int]:
+    """(block, blocks per stage) of a CIFAR ResNet of ``depth`` = 6n+2 (basic) or 9n+2 (bottleneck)."""
+    per_block, rule = (3, "9n+2") if bottleneck else (2, "6n+2")
+    if not isinstance(depth, int) or depth < per_block * 3 + 2 or (depth - 2) % (per_block * 3):
+        examples = ", ".join(str(per_block * 3 * n + 2) for n in (1, 3, 6, 9))
+        raise ConfigError(f"CIFAR ResNet depth must be {rule} (e.g. {examples}); got {depth}")
+    blocks = ((PreActBasicBlock, PreActBottleneck) if preact else (BasicBlock, Bottleneck))
+    return blocks[bottleneck], (depth - 2) // (per_block * 3)
+
+
+def resnet_cifar(depth: int = 20, bottleneck: bool = False, preact: bool = False, **kwargs: Any) -> ResNet:
+    """CIFAR-style ResNet of any depth: 6n+2 with basic blocks or 9n+2 with bottlenecks.
+    Shortcut option A unless told otherwise."""
+    return _cifar(*_cifar_depth(depth, bottleneck, preact), kwargs)
+
+
+# Blocks per stage of the ImageNet nets by depth (Table 1 of He et al. 2015).
+_IMAGENET_LAYERS = MappingProxyType({
     18: (BasicBlock, (2, 2, 2, 2)),
     34: (BasicBlock, (3, 4, 6, 3)),
     50: (Bottleneck, (3, 4, 6, 3)),
     101: (Bottleneck, (3, 4, 23, 3)),
     152: (Bottleneck, (3, 8, 36, 3)),
-}
-_PREACT_BLOCK = {BasicBlock: PreActBasicBlock, Bottleneck: PreActBottleneck}
+})
+_PREACT_BLOCK = MappingProxyType({BasicBlock: PreActBasicBlock, Bottleneck: PreActBottleneck})
 
 
-def resnet_imagenet(depth: int = 50, preact: bool = False, **kwargs) -> ResNet:
+def resnet_imagenet(depth: int = 50, preact: bool = False, **kwargs: Any) -> ResNet:
     """ImageNet-style ResNet of depth 18, 34, 50, 101 or 152 (7x7 stem, max-pool, 4 stages)."""
     if depth not in _IMAGENET_LAYERS:
         raise ConfigError(f"ImageNet ResNet depth must be one of {', '.join(map(str, _IMAGENET_LAYERS))}; got {depth}")
     block, layers = _IMAGENET_LAYERS[depth]
-    kwargs.setdefault("shortcut", "B")
-    return ResNet(_PREACT_BLOCK[block] if preact else block, layers, (64, 128, 256, 512), **kwargs)
-
-
-def _cifar_blocks(depth: int, per_block: int, rule: str) -> int:
-    if not isinstance(depth, int) or depth < per_block * 3 + 2 or (depth - 2) % (per_block * 3):
-        examples = ", ".join(str(per_block * 3 * n + 2) for n in (1, 3, 6, 9))
-        raise ConfigError(f"CIFAR ResNet depth must be {rule} (e.g. {examples}); got {depth}")
-    return (depth - 2) // (per_block * 3)
-
-
-def resnet_cifar(depth: int = 20, bottleneck: bool = False, preact: bool = False, **kwargs) -> ResNet:
-    """CIFAR-style ResNet (He et al. 2015, Sec. 4.2): 3x3 stem, three stages of 16/32/64, depth
-    6n+2 with basic blocks or 9n+2 with bottlenecks. Shortcut option A unless told otherwise."""
-    per_block, rule = (3, "9n+2") if bottleneck else (2, "6n+2")
-    n = _cifar_blocks(depth, per_block, rule)
-    block = (PreActBottleneck if preact else Bottleneck) if bottleneck else (PreActBasicBlock if preact else BasicBlock)
-    kwargs.setdefault("num_classes", 10)
-    kwargs.setdefault("shortcut", "A")
-    return ResNet(block, (n, n, n), (16, 32, 64), stem_kernel=3, stem_stride=1, stem_pool=False, **kwargs)
+    return _imagenet(_PREACT_BLOCK[block] if preact else block, layers, kwargs)
 
 
 _CIFAR = dict(input_size=(3, 32, 32), family="resnet")
+_IMAGENET = dict(input_size=(3, 224, 224), family="resnet")
 _C10 = "CIFAR-10 test error %"
 
 
@@ -199,102 +218,210 @@ def _paper(params=None, error=None, macs=None, **macs_kwargs) -> PaperFigures:
                         error_label=_C10 if error is not None else "", source="He et al. 2015")
 
 
+def _paper_v1(macs: float) -> PaperFigures:
+    # The paper's bottleneck FLOPs are for the stride on the first 1x1; torchvision's default puts it on the 3x3.
+    return _paper(macs=macs, stride_in_1x1=True)
+
+
+def _preact_paper(params: float, error: float) -> PaperFigures:
+    return PaperFigures(params=params, error=error, error_label=_C10, source="He et al. 2016")
+
+
+# CIFAR, any depth.
+
 @register_model(**_CIFAR)
-def cifar_resnet(depth: int = 20, **kwargs) -> ResNet:
+def cifar_resnet(depth: int = 20, bottleneck: bool = False, preact: bool = False, **kwargs) -> ResNet:
     """CIFAR ResNet of any depth 6n+2 (or 9n+2 with ``bottleneck=True``)."""
-    return resnet_cifar(depth, **kwargs)
+    return _cifar(*_cifar_depth(depth, bottleneck, preact), kwargs)
 
 
 @register_model(**_CIFAR)
-def cifar_plain(depth: int = 20, **kwargs) -> ResNet:
+def cifar_plain(depth: int = 20, bottleneck: bool = False, preact: bool = False, **kwargs) -> ResNet:
     """Plain twin of :func:`cifar_resnet` at any depth."""
-    return resnet_cifar(depth, shortcut="none", **kwargs)
+    return _cifar(*_cifar_depth(depth, bottleneck, preact), kwargs, shortcut="none")
 
+
+@register_model(**_CIFAR)
+def cifar_preact_resnet(depth: int = 110, bottleneck: bool = False, **kwargs) -> ResNet:
+    """Pre-activation CIFAR ResNet of any depth (6n+2 basic, 9n+2 with ``bottleneck=True``);
+    1x1 projections where the shape changes."""
+    return _cifar(*_cifar_depth(depth, bottleneck, preact=True), {"shortcut": "B", **kwargs})
+
+
+# CIFAR ResNets of the paper (Sec. 4.2, Table 6): n basic blocks per stage, depth 6n+2, option A.
 
 @register_model(**_CIFAR, paper=_paper(0.27e6, 8.75))
 def resnet20(**kwargs) -> ResNet:
-    return resnet_cifar(20, **kwargs)
+    return _cifar(BasicBlock, 3, kwargs)
 
 
 @register_model(**_CIFAR, paper=_paper(0.46e6, 7.51))
 def resnet32(**kwargs) -> ResNet:
-    return resnet_cifar(32, **kwargs)
+    return _cifar(BasicBlock, 5, kwargs)
 
 
 @register_model(**_CIFAR, paper=_paper(0.66e6, 7.17))
 def resnet44(**kwargs) -> ResNet:
-    return resnet_cifar(44, **kwargs)
+    return _cifar(BasicBlock, 7, kwargs)
 
 
 @register_model(**_CIFAR, paper=_paper(0.85e6, 6.97))
 def resnet56(**kwargs) -> ResNet:
-    return resnet_cifar(56, **kwargs)
+    return _cifar(BasicBlock, 9, kwargs)
 
 
 @register_model(**_CIFAR, paper=_paper(1.7e6, 6.43))
 def resnet110(**kwargs) -> ResNet:
-    return resnet_cifar(110, **kwargs)
+    return _cifar(BasicBlock, 18, kwargs)
 
 
 @register_model(**_CIFAR, paper=_paper(19.4e6, 7.93))
 def resnet1202(**kwargs) -> ResNet:
-    return resnet_cifar(1202, **kwargs)
+    return _cifar(BasicBlock, 200, kwargs)
 
 
-def _register_cifar_plain(depth: int) -> None:
-    def fn(**kwargs) -> ResNet:
-        return resnet_cifar(depth, shortcut="none", **kwargs)
+# Their plain twins: the same networks without shortcuts.
 
-    fn.__name__ = fn.__qualname__ = f"plain{depth}"
-    fn.__doc__ = f"Plain twin of resnet{depth}: the same network without shortcuts."
-    globals()[fn.__name__] = register_model(**_CIFAR)(fn)
-
-
-for _d in (20, 32, 44, 56, 110, 1202):
-    _register_cifar_plain(_d)
-
-
-def _register_imagenet(depth: int, macs: float) -> None:
-    """resnetD, plainD and preact_resnetD for an ImageNet depth (Table 1 of the paper)."""
-    bottleneck = _IMAGENET_LAYERS[depth][0] is Bottleneck
-    # The paper's FLOPs are for stride on the first 1x1; torchvision's default puts it on the 3x3.
-    paper = _paper(macs=macs, **({"stride_in_1x1": True} if bottleneck else {}))
-    variants = {
-        f"resnet{depth}": (dict(), paper),
-        f"plain{depth}": (dict(shortcut="none"), None),
-        f"preact_resnet{depth}": (dict(preact=True), None),
-    }
-    for name, (fixed, figures) in variants.items():
-        def fn(_fixed=fixed, **kwargs) -> ResNet:
-            return resnet_imagenet(depth, **_fixed, **kwargs)
-
-        fn.__name__ = fn.__qualname__ = name
-        fn.__doc__ = f"ImageNet {name} ({'bottleneck' if bottleneck else 'basic'} blocks)."
-        globals()[name] = register_model(input_size=(3, 224, 224), paper=figures, family="resnet")(fn)
-
-
-for _d, _macs in ((18, 1.8e9), (34, 3.6e9), (50, 3.8e9), (101, 7.6e9), (152, 11.3e9)):
-    _register_imagenet(_d, _macs)
+@register_model(**_CIFAR)
+def plain20(**kwargs) -> ResNet:
+    """Plain twin of resnet20: the same network without shortcuts."""
+    return _cifar(BasicBlock, 3, kwargs, shortcut="none")
 
 
 @register_model(**_CIFAR)
-def cifar_preact_resnet(depth: int = 110, **kwargs) -> ResNet:
-    """Pre-activation CIFAR ResNet of any depth (6n+2 basic, 9n+2 with ``bottleneck=True``);
-    1x1 projections where the shape changes."""
-    kwargs.setdefault("shortcut", "B")
-    return resnet_cifar(depth, preact=True, **kwargs)
+def plain32(**kwargs) -> ResNet:
+    """Plain twin of resnet32: the same network without shortcuts."""
+    return _cifar(BasicBlock, 5, kwargs, shortcut="none")
 
+
+@register_model(**_CIFAR)
+def plain44(**kwargs) -> ResNet:
+    """Plain twin of resnet44: the same network without shortcuts."""
+    return _cifar(BasicBlock, 7, kwargs, shortcut="none")
+
+
+@register_model(**_CIFAR)
+def plain56(**kwargs) -> ResNet:
+    """Plain twin of resnet56: the same network without shortcuts."""
+    return _cifar(BasicBlock, 9, kwargs, shortcut="none")
+
+
+@register_model(**_CIFAR)
+def plain110(**kwargs) -> ResNet:
+    """Plain twin of resnet110: the same network without shortcuts."""
+    return _cifar(BasicBlock, 18, kwargs, shortcut="none")
+
+
+@register_model(**_CIFAR)
+def plain1202(**kwargs) -> ResNet:
+    """Plain twin of resnet1202: the same network without shortcuts."""
+    return _cifar(BasicBlock, 200, kwargs, shortcut="none")
+
+
+# Pre-activation CIFAR ResNets (He et al. 2016): 1x1 projections where the shape changes.
 
 @register_model(**_CIFAR)
 def preact_resnet110(**kwargs) -> ResNet:
-    return cifar_preact_resnet(110, **kwargs)
+    return _cifar(PreActBasicBlock, 18, {"shortcut": "B", **kwargs})
 
 
-@register_model(**_CIFAR, paper=PaperFigures(params=1.7e6, error=5.46, error_label=_C10, source="He et al. 2016"))
+@register_model(**_CIFAR, paper=_preact_paper(1.7e6, 5.46))
 def preact_resnet164(**kwargs) -> ResNet:
-    return cifar_preact_resnet(164, bottleneck=True, **kwargs)
+    return _cifar(PreActBottleneck, 18, {"shortcut": "B", **kwargs})
 
 
-@register_model(**_CIFAR, paper=PaperFigures(params=10.2e6, error=4.92, error_label=_C10, source="He et al. 2016"))
+@register_model(**_CIFAR, paper=_preact_paper(10.2e6, 4.92))
 def preact_resnet1001(**kwargs) -> ResNet:
-    return cifar_preact_resnet(1001, bottleneck=True, **kwargs)
+    return _cifar(PreActBottleneck, 111, {"shortcut": "B", **kwargs})
+
+
+# ImageNet ResNets (Table 1 of He et al. 2015), their plain twins and pre-activation versions.
+
+@register_model(**_IMAGENET, paper=_paper(macs=1.8e9))
+def resnet18(**kwargs) -> ResNet:
+    """ImageNet resnet18 (basic blocks)."""
+    return _imagenet(BasicBlock, (2, 2, 2, 2), kwargs)
+
+
+@register_model(**_IMAGENET, paper=_paper(macs=3.6e9))
+def resnet34(**kwargs) -> ResNet:
+    """ImageNet resnet34 (basic blocks)."""
+    return _imagenet(BasicBlock, (3, 4, 6, 3), kwargs)
+
+
+@register_model(**_IMAGENET, paper=_paper_v1(3.8e9))
+def resnet50(**kwargs) -> ResNet:
+    """ImageNet resnet50 (bottleneck blocks)."""
+    return _imagenet(Bottleneck, (3, 4, 6, 3), kwargs)
+
+
+@register_model(**_IMAGENET, paper=_paper_v1(7.6e9))
+def resnet101(**kwargs) -> ResNet:
+    """ImageNet resnet101 (bottleneck blocks)."""
+    return _imagenet(Bottleneck, (3, 4, 23, 3), kwargs)
+
+
+@register_model(**_IMAGENET, paper=_paper_v1(11.3e9))
+def resnet152(**kwargs) -> ResNet:
+    """ImageNet resnet152 (bottleneck blocks)."""
+    return _imagenet(Bottleneck, (3, 8, 36, 3), kwargs)
+
+
+@register_model(**_IMAGENET)
+def plain18(**kwargs) -> ResNet:
+    """ImageNet plain18 (basic blocks)."""
+    return _imagenet(BasicBlock, (2, 2, 2, 2), kwargs, shortcut="none")
+
+
+@register_model(**_IMAGENET)
+def plain34(**kwargs) -> ResNet:
+    """ImageNet plain34 (basic blocks)."""
+    return _imagenet(BasicBlock, (3, 4, 6, 3), kwargs, shortcut="none")
+
+
+@register_model(**_IMAGENET)
+def plain50(**kwargs) -> ResNet:
+    """ImageNet plain50 (bottleneck blocks)."""
+    return _imagenet(Bottleneck, (3, 4, 6, 3), kwargs, shortcut="none")
+
+
+@register_model(**_IMAGENET)
+def plain101(**kwargs) -> ResNet:
+    """ImageNet plain101 (bottleneck blocks)."""
+    return _imagenet(Bottleneck, (3, 4, 23, 3), kwargs, shortcut="none")
+
+
+@register_model(**_IMAGENET)
+def plain152(**kwargs) -> ResNet:
+    """ImageNet plain152 (bottleneck blocks)."""
+    return _imagenet(Bottleneck, (3, 8, 36, 3), kwargs, shortcut="none")
+
+
+@register_model(**_IMAGENET)
+def preact_resnet18(**kwargs) -> ResNet:
+    """ImageNet preact_resnet18 (basic blocks)."""
+    return _imagenet(PreActBasicBlock, (2, 2, 2, 2), kwargs)
+
+
+@register_model(**_IMAGENET)
+def preact_resnet34(**kwargs) -> ResNet:
+    """ImageNet preact_resnet34 (basic blocks)."""
+    return _imagenet(PreActBasicBlock, (3, 4, 6, 3), kwargs)
+
+
+@register_model(**_IMAGENET)
+def preact_resnet50(**kwargs) -> ResNet:
+    """ImageNet preact_resnet50 (bottleneck blocks)."""
+    return _imagenet(PreActBottleneck, (3, 4, 6, 3), kwargs)
+
+
+@register_model(**_IMAGENET)
+def preact_resnet101(**kwargs) -> ResNet:
+    """ImageNet preact_resnet101 (bottleneck blocks)."""
+    return _imagenet(PreActBottleneck, (3, 4, 23, 3), kwargs)
+
+
+@register_model(**_IMAGENET)
+def preact_resnet152(**kwargs) -> ResNet:
+    """ImageNet preact_resnet152 (bottleneck blocks)."""
+    return _imagenet(PreActBottleneck, (3, 8, 36, 3), kwargs)
