@@ -57,3 +57,25 @@ def test_user_mistakes_get_one_line_and_exit_2(argv, message):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("command, arg, message", [
+    ("train", "bogus=3", "cifar_resnet has no setting 'bogus'; its settings are: act_layer, block_kwargs"),
+    ("train", "block_kwargs={'bogus': 1}", "block_kwargs of BasicBlock has no setting 'bogus'; its settings are: drop_rate"),
+    ("info", "block_kwargs={'bogus': 1}", "block_kwargs of BasicBlock has no setting 'bogus'"),
+    ("export", "bogus=3", "cifar_resnet has no setting 'bogus'"),
+])
+def test_a_model_setting_it_does_not_take_is_one_line_not_a_type_error(command, arg, message, tmp_path):
+    out = tmp_path / "out"
+    argv = {"train": ["train", "--model", "cifar_resnet", "-a", arg, "--data", "synthetic", "--epochs", "1",
+                      "--out", str(out)],
+            "info": ["info", "cifar_resnet", "-a", arg],
+            "export": ["export", "--model", "cifar_resnet", "-a", arg, "--format", "safetensors", "--out", str(out)]}
+    proc = subprocess.run([sys.executable, "-m", "resdense", *argv[command]], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], proc.stderr
+    assert "Traceback" not in proc.stderr and "TypeError" not in proc.stderr
+    # Refused before anything was written (train has only taken its run folder's lock).
+    assert {p.name for p in out.rglob("*")} <= {".lock"}

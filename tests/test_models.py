@@ -276,3 +276,199 @@ def test_list_models_pattern():
     assert "cifar_densenet" not in resdense.list_models("densenet*")
     assert resdense.list_models("resnet20") == ["resnet20"] and resdense.list_models("no_such_net") == []
     assert isinstance(resdense.create_model("densenet121"), DenseNet)
+
+
+# --- the block interface, block settings, and settings a model does not take ------------------
+
+from resdense.models import ResidualBlock  # noqa: E402
+from resdense.models.resnet import resnet_imagenet  # noqa: E402
+
+RESIDUAL_FAMILY = [n for n in resdense.list_models() if model_entry(n).family == "resnet"]
+
+
+@pytest.mark.parametrize("name", RESIDUAL_FAMILY)
+def test_every_residual_models_blocks_implement_the_interface(name):
+    with torch.device("meta"):  # structure only: no memory, no time
+        model = resdense.create_model(name)
+    blocks = [b for stage in model.stage_names for b in model.get_submodule(stage)]
+    assert blocks and all(isinstance(b, ResidualBlock) for b in blocks)
+    # Nothing outside the interface carries the shortcut flag the analyses used to probe for.
+    assert {id(m) for m in model.modules() if hasattr(m, "use_shortcut")} == {id(b) for b in blocks}
+    assert all(b.preact == ("preact" in name) for b in blocks)
+
+
+TINY_RESIDUAL = [
+    ("cifar_resnet", {"depth": 8}), ("cifar_resnet", {"depth": 8, "shortcut": "B"}),
+    ("cifar_resnet", {"depth": 8, "shortcut": "C"}), ("cifar_plain", {"depth": 8}),
+    ("cifar_resnet", {"depth": 11, "bottleneck": True}), ("cifar_preact_resnet", {"depth": 8}),
+    ("cifar_preact_resnet", {"depth": 11, "bottleneck": True, "shortcut": "A"}),
+    ("cifar_resnet", {"depth": 8, "norm_layer": "none"}),
+]
+
+
+def _randomised(name: str, **kwargs) -> nn.Module:
+    torch.manual_seed(0)
+    model = resdense.create_model(name, **kwargs)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # running statistics and scales as a trained net has them
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+    return model.eval()
+
+
+def _block_inputs(model: nn.Module, x: torch.Tensor) -> list[tuple[ResidualBlock, torch.Tensor]]:
+    """Every block with the input it sees in ``model(x)``, in depth order."""
+    seen = []
+
+    def keep(block: nn.Module, inp: tuple[torch.Tensor, ...]) -> None:
+        seen.append((block, inp[0].clone()))
+
+    handles = [b.register_forward_pre_hook(keep) for b in model.modules() if isinstance(b, ResidualBlock)]
+    with torch.no_grad():
+        model(x)
+    for h in handles:
+        h.remove()
+    return seen
+
+
+@pytest.mark.parametrize("name, kwargs", TINY_RESIDUAL)
+def test_block_is_post_of_residual_plus_shortcut(name, kwargs):
+    model = _randomised(name, **kwargs)
+    with torch.no_grad():
+        for block, x in _block_inputs(model, torch.randn(2, 3, 16, 16)):
+            added = block.residual(x) + block.shortcut(x) if block.use_shortcut else block.residual(x)
+            assert torch.allclose(block(x.clone()), block.post_activation(added), atol=1e-6)
+
+
+def _old_forward_shortcut(block: ResidualBlock, x: torch.Tensor) -> torch.Tensor:
+    """The four copies of forward_shortcut the blocks had before the interface, as one reference."""
+    if block.preact:
+        return x if block.downsample is None else block.downsample(block.relu(block.bn1(x)))
+    return block.relu(x if block.downsample is None else block.downsample(x))
+
+
+def _forward_with(model: nn.Module, x: torch.Tensor, replaced: nn.Module, stand_in) -> torch.Tensor:
+    """``model(x)`` with the block ``replaced`` computed by ``stand_in(block, input)`` instead."""
+    h = model.maxpool(model.relu(model.bn1(model.conv1(x))))
+    for stage in model.stage_names:
+        for block in model.get_submodule(stage):
+            h = stand_in(block, h) if block is replaced else block(h)
+    return model.forward_head(model.final_act(model.final_norm(h)))
+
+
+def _identity(_block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
+@pytest.mark.parametrize("name, kwargs", TINY_RESIDUAL)
+def test_lesioning_through_the_interface_equals_the_old_behaviour(name, kwargs):
+    from resdense.analysis.lesion import lesioned, residual_blocks
+
+    model = _randomised(name, **kwargs)
+    x = torch.randn(2, 3, 16, 16)
+    inputs = _block_inputs(model, x)
+    names = {id(b): n for n, b in residual_blocks(model)}
+    assert [id(b) for b, _ in inputs] == list(names)  # every block, in depth order
+    with torch.no_grad():
+        for block, inp in inputs:
+            assert torch.equal(block.forward_shortcut(inp.clone()), _old_forward_shortcut(block, inp.clone()))
+            if not block.use_shortcut and block(inp.clone()).shape != inp.shape:
+                continue  # a plain block that reshapes cannot be deleted (lesion_blocks marks it)
+            # The old lesion: a residual block by its shortcut path, a plain one by the identity.
+            old = _old_forward_shortcut if block.use_shortcut else _identity
+            with lesioned(model, [names[id(block)]]):
+                got = model(x)
+            assert torch.allclose(got, _forward_with(model, x, block, old), atol=1e-6), names[id(block)]
+
+
+@pytest.mark.parametrize("name, kwargs", TINY_RESIDUAL)
+def test_zero_initialised_blocks_are_their_shortcut(name, kwargs):
+    torch.manual_seed(0)
+    model = resdense.create_model(name, **kwargs, zero_init_last=True).eval()
+    with torch.no_grad():
+        for block, x in _block_inputs(model, torch.randn(2, 3, 16, 16)):
+            if block.use_shortcut:
+                assert torch.allclose(block(x.clone()), block.forward_shortcut(x.clone()), atol=1e-6)
+            else:  # a plain block is never zeroed: it would pass no signal at all
+                conv, norm = block.branch_end()
+                assert (conv.weight != 0).any() and (norm is None or (norm.weight != 0).all())
+
+
+@pytest.mark.parametrize("name", ["resnet20", "preact_resnet110", "resnet50", "cifar_resnet"])
+def test_block_settings_pass_through_to_every_block(name):
+    torch.manual_seed(0)
+    base = resdense.create_model(name)
+    torch.manual_seed(0)
+    drop = resdense.create_model(name, block_kwargs={"drop_rate": 0.5})
+    blocks = [m for m in drop.modules() if isinstance(m, ResidualBlock)]
+    assert blocks and all(b.drop_rate == 0.5 for b in blocks)
+    assert all(b.drop_rate == 0.0 for b in base.modules() if isinstance(b, ResidualBlock))
+    # Functional dropout: the same modules, weights and state_dict; only training differs.
+    assert {k: v.shape for k, v in base.state_dict().items()} == {k: v.shape for k, v in drop.state_dict().items()}
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(drop.eval()(x), base.eval()(x))
+        drop.train()
+        torch.manual_seed(1)
+        a = drop(x)
+        torch.manual_seed(2)
+        assert not torch.equal(a, drop(x))
+
+
+def test_block_settings_reach_a_bottleneck_alongside_resnet_settings():
+    model = resdense.create_model("cifar_resnet", depth=11, bottleneck=True, stride_in_1x1=True,
+                                  block_kwargs={"drop_rate": 0.1})
+    block = model.layer2[0]
+    assert block.conv1.stride == (2, 2) and block.conv2.stride == (1, 1) and block.drop_rate == 0.1
+
+
+@pytest.mark.parametrize("block_kwargs, match", [
+    ({"bogus": 3}, "block_kwargs of BasicBlock has no setting 'bogus'; its settings are: drop_rate"),
+    ({"stride": 2}, "fixes 'stride'"),
+    ({"drop_rate": 1.5}, "drop_rate must be in"),
+    ([("drop_rate", 0.1)], "must be a mapping"),
+])
+def test_bad_block_settings_are_config_errors(block_kwargs, match):
+    with pytest.raises(ConfigError, match=match):
+        resdense.create_model("resnet20", block_kwargs=block_kwargs)
+
+
+@pytest.mark.parametrize("name", resdense.list_models())
+def test_an_unknown_setting_is_a_config_error_naming_the_accepted_ones(name):
+    with pytest.raises(ConfigError) as info:
+        resdense.create_model(name, bogus_setting=3)
+    message = str(info.value)
+    assert "\n" not in message and message.startswith(f"{name} has no setting 'bogus_setting'")
+    assert "num_classes" in message and "in_chans" in message
+
+
+@pytest.mark.parametrize("name, kwargs, match", [
+    ("plain20", {"shortcut": "A"}, "plain20 fixes 'shortcut'"),
+    ("resnet20", {"depth": 32}, "resnet20 has no setting 'depth'"),
+    ("resnet50", {"layers": (1, 1, 1, 1)}, "resnet50 fixes 'layers'"),
+    ("densenet40_k12", {"growth_rate": 24}, "densenet40_k12 fixes 'growth_rate'"),
+    ("cifar_vgg19_bn", {"head": "imagenet"}, "fixes 'head'"),
+])
+def test_a_setting_the_spec_fixes_is_a_config_error(name, kwargs, match):
+    with pytest.raises(ConfigError, match=match):
+        resdense.create_model(name, **kwargs)
+
+
+def test_overridable_defaults_stay_overridable():
+    assert resdense.create_model("resnet20", num_classes=5).num_classes == 5
+    assert resdense.create_model("preact_resnet110", shortcut="A").layer2[0].downsample.__class__ is ZeroPadShortcut
+    assert resdense.create_model("densenet121", growth_rate=16).num_features != 1024
+
+
+@pytest.mark.parametrize("depth", [18, 34, 50, 101, 152])
+def test_imagenet_builder_agrees_with_the_explicit_variants(depth):
+    with torch.device("meta"):
+        for preact, name in ((False, f"resnet{depth}"), (True, f"preact_resnet{depth}")):
+            ours, variant = resnet_imagenet(depth, preact=preact), resdense.create_model(name)
+            assert {k: v.shape for k, v in ours.state_dict().items()} == \
+                {k: v.shape for k, v in variant.state_dict().items()}
+            assert type(ours.layer1[0]) is type(variant.layer1[0])

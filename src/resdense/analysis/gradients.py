@@ -21,6 +21,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import InputError
+from ..models.blocks import ResidualBlock
+from ..models.densenet import DenseNet
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Batch = Sequence[torch.Tensor]
@@ -79,9 +81,8 @@ def _weights_in_depth_order(model: nn.Module) -> list[_Layer]:
     """Every Conv2d weight in ``named_modules()`` order, then the classifier's weight."""
     shortcut_modules: set[int] = set()
     for m in model.modules():
-        down = getattr(m, "downsample", None) if hasattr(m, "use_shortcut") else None
-        if isinstance(down, nn.Module):
-            shortcut_modules.update(id(s) for s in down.modules())
+        if isinstance(m, ResidualBlock) and m.downsample is not None:
+            shortcut_modules.update(id(s) for s in m.downsample.modules())
     layers = [
         _Layer(name, m.weight, SHORTCUT if id(m) in shortcut_modules else CONV)
         for name, m in model.named_modules()
@@ -218,9 +219,7 @@ def has_shortcuts(model: nn.Module) -> bool:
     """Whether the model has shortcut connections: a residual block that adds its shortcut,
     or dense connectivity (every DenseNet layer reads all earlier ones). Plain nets and VGG
     have none; plots draw them dashed."""
-    from ..models.densenet import DenseNet
-
-    return isinstance(model, DenseNet) or any(getattr(m, "use_shortcut", False) is True for m in model.modules())
+    return isinstance(model, DenseNet) or any(isinstance(m, ResidualBlock) and m.use_shortcut for m in model.modules())
 
 
 __all__ = ["GradientReport", "gradient_norms", "has_shortcuts", "iter_batches", "model_state"]

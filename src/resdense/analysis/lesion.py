@@ -1,7 +1,7 @@
 """Lesion studies (Veit, Wilber, Belongie 2016): delete blocks of a trained net at test time.
 
 A residual block computes ``shortcut(x) + F(x)``; deleting it leaves ``shortcut(x)`` (the
-block's ``forward_shortcut``), and the net still works: most paths through a ResNet do not
+block's ``forward_shortcut``, see :class:`~resdense.models.blocks.ResidualBlock`), and the net still works: most paths through a ResNet do not
 go through any one block, so the error rises gently, and smoothly with the number of blocks
 deleted. A plain net has only one path: a block can only be deleted where its input and
 output shapes agree (it is replaced by the identity), and each deletion is catastrophic.
@@ -23,6 +23,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import ConfigError, InputError
+from ..models.blocks import ResidualBlock
 from .gradients import Batch, _device_of, has_shortcuts, iter_batches, model_state
 
 
@@ -76,18 +77,19 @@ class LesionReport:
 class _Lesioned(nn.Module):
     """Stands in for a deleted block: its shortcut path, or the identity for a plain block."""
 
-    def __init__(self, block: nn.Module, identity: bool) -> None:
+    def __init__(self, block: ResidualBlock) -> None:
         super().__init__()
         self.block = block
-        self.identity = identity
+        # A plain block has no shortcut to fall back on: only the identity can stand in.
+        self.identity = not block.use_shortcut
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x if self.identity else self.block.forward_shortcut(x)
 
 
-def residual_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """Blocks that can have a shortcut (modules with ``use_shortcut``), in depth order."""
-    return [(name, m) for name, m in model.named_modules() if hasattr(m, "use_shortcut")]
+def residual_blocks(model: nn.Module) -> list[tuple[str, ResidualBlock]]:
+    """The model's residual blocks (a plain twin's included), in depth order."""
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, ResidualBlock)]
 
 
 @contextlib.contextmanager
@@ -99,7 +101,7 @@ def lesioned(model: nn.Module, names: Sequence[str]) -> Iterator[nn.Module]:
     output shapes agree (:func:`lesion_blocks` checks this; here it is the caller's promise).
     """
     # Resolve every name before swapping any: a wrapper swapped in would hide the blocks below it.
-    targets: list[tuple[nn.Module, str, nn.Module]] = []
+    targets: list[tuple[nn.Module, str, ResidualBlock]] = []
     for name in dict.fromkeys(names):
         parent_name, _, attr = name.rpartition(".")
         try:
@@ -107,13 +109,13 @@ def lesioned(model: nn.Module, names: Sequence[str]) -> Iterator[nn.Module]:
             block = parent.get_submodule(attr)
         except AttributeError:
             raise ConfigError(f"{type(model).__name__} has no block {name!r}; see residual_blocks(model)") from None
-        if not hasattr(block, "use_shortcut"):
-            raise ConfigError(f"{name!r} is not a residual block; lesions apply to blocks with use_shortcut")
+        if not isinstance(block, ResidualBlock):
+            raise ConfigError(f"{name!r} is not a residual block; lesions apply to ResidualBlock modules")
         targets.append((parent, attr, block))
     swapped: list[tuple[nn.Module, str, nn.Module]] = []
     try:
         for parent, attr, block in targets:
-            setattr(parent, attr, _Lesioned(block, identity=not block.use_shortcut))
+            setattr(parent, attr, _Lesioned(block))
             swapped.append((parent, attr, block))
         yield model
     finally:
@@ -178,7 +180,7 @@ def _prepare(model: nn.Module, batches: Iterable[Batch], max_batches: Optional[i
         downsampling = in_shape != out_shape
         # A shortcut carries the signal past a deleted block; without one, only an identity
         # can stand in, and only where the shape does not change.
-        removable = bool(block.use_shortcut) or not downsampling
+        removable = block.use_shortcut or not downsampling
         blocks.append(BlockLesion(name, i, downsampling, removable, None))
     return _Setup(data, device, blocks)
 
@@ -196,7 +198,7 @@ def lesion_blocks(model: nn.Module, batches: Iterable[Batch], *, max_batches: Op
     """Test error with each block deleted on its own, beside the intact model's (eval mode).
 
     Args:
-        model: a ResNet or plain net (any model whose blocks have ``use_shortcut``).
+        model: a ResNet or plain net (any model built of ``ResidualBlock`` modules).
         batches: ``(images, labels)`` pairs, images float NCHW already normalised. Replayed
             once per block: a one-shot iterator is read into memory first.
         max_batches: use at most this many batches (``None``: all).

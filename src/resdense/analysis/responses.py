@@ -9,7 +9,7 @@ What counts as a 3x3 layer's response here:
 
 * a post-activation layer (conv -> BN -> ReLU or addition; plain nets, ResNet, VGG): the
   output of the norm that consumes the convolution's output within the same module;
-* a layer inside a pre-activation unit (a block flagged ``preact``; DenseNet layers, whose
+* a layer inside a pre-activation unit (a ``ResidualBlock`` with ``preact``; DenseNet layers, whose
   3x3 output goes straight into a concatenation; a bare stem): the convolution's own output,
   since no BN sits between it and the addition or concatenation.
 
@@ -27,6 +27,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import InputError
+from ..models.blocks import ResidualBlock
 from .gradients import Batch, _device_of, has_shortcuts, iter_batches, model_state
 
 _NORMS = (nn.BatchNorm2d, nn.SyncBatchNorm, nn.GroupNorm, nn.InstanceNorm2d, nn.LayerNorm)
@@ -106,7 +107,8 @@ def find_response_modules(model: nn.Module, example: torch.Tensor) -> dict[str, 
     for conv in convs:
         norm = consumer.get(conv)
         parent = _parent(conv)
-        post_activation = not getattr(model.get_submodule(parent), "preact", False)
+        owner = model.get_submodule(parent)
+        post_activation = not (isinstance(owner, ResidualBlock) and owner.preact)
         # A norm in another module (the next block's pre-activation) is not this layer's BN.
         if norm is not None and post_activation and _parent(norm) == parent:
             found[conv] = norm

@@ -15,6 +15,7 @@ from typing import Any, Callable
 import torch.nn as nn
 
 from ..errors import UnknownModelError
+from .layers import ClassifierModel, UnknownSettingError, keyword_settings
 
 
 @dataclass(frozen=True)
@@ -97,9 +98,19 @@ def model_entry(name: str) -> ModelEntry:
 
 def create_model(name: str, **kwargs: Any) -> nn.Module:
     """Build a registered model. Keyword arguments set to ``None`` are dropped, so callers can
-    forward optional command-line values without knowing each builder's defaults."""
+    forward optional command-line values without knowing each builder's defaults.
+
+    A setting the model does not take (or that its spec fixes) raises a
+    :class:`~resdense.errors.ConfigError` naming the model and the settings it does take."""
     entry = _REGISTRY.get(name)
-    model = entry.fn(**{k: v for k, v in kwargs.items() if v is not None})
+    try:
+        model = entry.fn(**{k: v for k, v in kwargs.items() if v is not None})
+    except UnknownSettingError as e:
+        if not (isinstance(e.target, type) and issubclass(e.target, ClassifierModel)):
+            raise  # a block's or layer's setting: its own message says whose
+        # The registered function's own arguments (depth, bc ...) are settings too.
+        accepted = dict.fromkeys((*keyword_settings(entry.fn), *e.accepted))
+        raise UnknownSettingError(name, e.unknown, e.fixed, accepted, e.target) from None
     model.model_name = name
     return model
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Iterator, List, Optional, Sequence
+from typing import Any, Iterator, List, Mapping, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -19,7 +19,16 @@ import torch.utils.checkpoint as cp
 
 from ..errors import ConfigError
 from ._registry import PaperFigures, register_model
-from .layers import ActLayer, ClassifierModel, NormLayer, check_positive, init_weights, make_act, resolve_norm
+from .layers import (
+    ActLayer,
+    ClassifierModel,
+    NormLayer,
+    build_model,
+    check_positive,
+    init_weights,
+    make_act,
+    resolve_norm,
+)
 
 
 @contextlib.contextmanager
@@ -222,21 +231,26 @@ class DenseNet(ClassifierModel):
 # --- variants --------------------------------------------------------------------------------
 
 
-def densenet_cifar(depth: int = 40, growth_rate: int = 12, bc: bool = False, **kwargs) -> DenseNet:
+def _cifar(depth: int, growth_rate: int, bc: bool, settings: Mapping[str, Any]) -> DenseNet:
     """CIFAR DenseNet of depth L (three blocks): (L-4)/3 layers per block, starting with 16
     channels; with ``bc`` (DenseNet-BC), (L-4)/6 bottleneck layers per block, 2k initial
-    channels and compression 0.5."""
+    channels and compression 0.5. ``settings`` may override the initial channels, bottleneck
+    and compression, and set anything else DenseNet takes."""
     per_layer = 6 if bc else 3
     if not isinstance(depth, int) or depth < 4 + per_layer or (depth - 4) % per_layer:
         rule = "(L-4)/6 bottleneck layers" if bc else "(L-4)/3 layers"
         raise ConfigError(f"DenseNet{'-BC' if bc else ''} depth L must give a whole number of {rule} "
                           f"per block (e.g. {'100, 190, 250' if bc else '40, 100'}); got {depth}")
     n = (depth - 4) // per_layer
-    kwargs.setdefault("num_classes", 10)
-    spec = dict(num_init_features=2 * growth_rate, bn_size=4, compression=0.5) if bc else \
+    defaults = dict(num_init_features=2 * growth_rate, bn_size=4, compression=0.5) if bc else \
         dict(num_init_features=16, bn_size=None, compression=1.0)
-    spec.update(kwargs)
-    return DenseNet((n, n, n), growth_rate, stem_kernel=3, stem_stride=1, stem_pool=False, **spec)
+    spec = dict(block_config=(n, n, n), growth_rate=growth_rate, stem_kernel=3, stem_stride=1, stem_pool=False)
+    return build_model(DenseNet, spec, settings, {"num_classes": 10, **defaults})
+
+
+def densenet_cifar(depth: int = 40, growth_rate: int = 12, bc: bool = False, **kwargs) -> DenseNet:
+    """CIFAR DenseNet of depth L and growth rate k (``bc=True`` for DenseNet-BC); see :func:`_cifar`."""
+    return _cifar(depth, growth_rate, bc, kwargs)
 
 
 _CIFAR = dict(input_size=(3, 32, 32), family="densenet")
@@ -249,43 +263,50 @@ def _paper(params: float, error: float) -> PaperFigures:
 @register_model(**_CIFAR)
 def cifar_densenet(depth: int = 40, growth_rate: int = 12, bc: bool = False, **kwargs) -> DenseNet:
     """CIFAR DenseNet of any depth and growth rate (``bc=True`` for DenseNet-BC)."""
-    return densenet_cifar(depth, growth_rate, bc, **kwargs)
+    return _cifar(depth, growth_rate, bc, kwargs)
 
 
 @register_model(**_CIFAR, paper=_paper(1.0e6, 5.24))
 def densenet40_k12(**kwargs) -> DenseNet:
-    return densenet_cifar(40, 12, **kwargs)
+    return _cifar(40, 12, False, kwargs)
 
 
 @register_model(**_CIFAR, paper=_paper(7.0e6, 4.10))
 def densenet100_k12(**kwargs) -> DenseNet:
-    return densenet_cifar(100, 12, **kwargs)
+    return _cifar(100, 12, False, kwargs)
 
 
 @register_model(**_CIFAR, paper=_paper(27.2e6, 3.74))
 def densenet100_k24(**kwargs) -> DenseNet:
-    return densenet_cifar(100, 24, **kwargs)
+    return _cifar(100, 24, False, kwargs)
 
 
 @register_model(**_CIFAR, paper=_paper(0.8e6, 4.51))
 def densenet_bc100_k12(**kwargs) -> DenseNet:
-    return densenet_cifar(100, 12, bc=True, **kwargs)
+    return _cifar(100, 12, True, kwargs)
 
 
 @register_model(**_CIFAR, paper=_paper(15.3e6, 3.62))
 def densenet_bc250_k24(**kwargs) -> DenseNet:
-    return densenet_cifar(250, 24, bc=True, **kwargs)
+    return _cifar(250, 24, True, kwargs)
 
 
 @register_model(**_CIFAR, paper=_paper(25.6e6, 3.46))
 def densenet_bc190_k40(**kwargs) -> DenseNet:
-    return densenet_cifar(190, 40, bc=True, **kwargs)
+    return _cifar(190, 40, True, kwargs)
+
+
+def _imagenet(block_config: Sequence[int], settings: Mapping[str, Any], **fixed: Any) -> DenseNet:
+    """ImageNet DenseNet-BC (Table 1 of the paper): 7x7 stem and max-pool, four blocks, k=32 and
+    64 initial channels unless ``fixed`` (or, where it does not, ``settings``) say otherwise."""
+    spec = dict(block_config=tuple(block_config), **fixed)
+    return build_model(DenseNet, spec, settings, {"growth_rate": 32, "num_init_features": 64})
 
 
 def densenet_imagenet(block_config: Sequence[int], growth_rate: int = 32, num_init_features: int = 64,
                       **kwargs) -> DenseNet:
-    """ImageNet DenseNet-BC (Table 1 of the paper): 7x7 stem and max-pool, four blocks."""
-    return DenseNet(block_config, growth_rate, num_init_features, **kwargs)
+    """ImageNet DenseNet-BC of any block configuration (7x7 stem and max-pool)."""
+    return _imagenet(block_config, kwargs, growth_rate=growth_rate, num_init_features=num_init_features)
 
 
 _IMAGENET = dict(input_size=(3, 224, 224), family="densenet")
@@ -293,24 +314,24 @@ _IMAGENET = dict(input_size=(3, 224, 224), family="densenet")
 
 @register_model(**_IMAGENET)
 def densenet121(**kwargs) -> DenseNet:
-    return densenet_imagenet((6, 12, 24, 16), **kwargs)
+    return _imagenet((6, 12, 24, 16), kwargs)
 
 
 @register_model(**_IMAGENET)
 def densenet161(**kwargs) -> DenseNet:
-    return densenet_imagenet((6, 12, 36, 24), growth_rate=48, num_init_features=96, **kwargs)
+    return _imagenet((6, 12, 36, 24), kwargs, growth_rate=48, num_init_features=96)
 
 
 @register_model(**_IMAGENET)
 def densenet169(**kwargs) -> DenseNet:
-    return densenet_imagenet((6, 12, 32, 32), **kwargs)
+    return _imagenet((6, 12, 32, 32), kwargs)
 
 
 @register_model(**_IMAGENET)
 def densenet201(**kwargs) -> DenseNet:
-    return densenet_imagenet((6, 12, 48, 32), **kwargs)
+    return _imagenet((6, 12, 48, 32), kwargs)
 
 
 @register_model(**_IMAGENET)
 def densenet264(**kwargs) -> DenseNet:
-    return densenet_imagenet((6, 12, 64, 48), **kwargs)
+    return _imagenet((6, 12, 64, 48), kwargs)

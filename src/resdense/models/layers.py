@@ -11,8 +11,9 @@ Shortcut kinds (He et al. 2015, Sec. 4.1 and Table 3):
 
 from __future__ import annotations
 
+import inspect
 from types import MappingProxyType
-from typing import Callable, Optional, Union
+from typing import Callable, Iterable, Mapping, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
@@ -104,12 +105,8 @@ def make_shortcut(
     return None, True
 
 
-def init_weights(model: nn.Module, zero_init_last: bool = False) -> None:
-    """Kaiming-normal convolutions (fan-out, as He et al. 2015), unit norms, zero biases.
-
-    With ``zero_init_last`` each residual branch ends in a zero (its block exposes
-    ``zero_init_last()``), so every block starts as the identity (Goyal et al. 2017).
-    """
+def init_weights(model: nn.Module) -> None:
+    """Kaiming-normal convolutions (fan-out, as He et al. 2015), unit norms, zero biases."""
     for m in model.modules():
         if isinstance(m, nn.Conv2d):
             nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
@@ -120,10 +117,55 @@ def init_weights(model: nn.Module, zero_init_last: bool = False) -> None:
             nn.init.zeros_(m.bias)
         elif isinstance(m, nn.Linear) and m.bias is not None:
             nn.init.zeros_(m.bias)
-    if zero_init_last:
-        for m in model.modules():
-            if hasattr(m, "zero_init_last") and callable(m.zero_init_last):
-                m.zero_init_last()
+
+
+class UnknownSettingError(ConfigError):
+    """A keyword setting the builder does not take, or one the model's spec fixes.
+
+    ``target`` is the class or function whose settings were checked. The error carries what it
+    found so that :func:`~resdense.models.create_model` can name the model and add the
+    registered function's own settings (``depth``, ``bc`` ...) to the list."""
+
+    def __init__(self, owner: str, unknown: Sequence[str], fixed: Sequence[str], accepted: Iterable[str],
+                 target: Callable[..., object]) -> None:
+        self.owner, self.unknown, self.fixed, self.accepted = owner, tuple(unknown), tuple(fixed), tuple(accepted)
+        self.target = target
+        parts = []
+        if self.unknown:
+            parts.append(f"{owner} has no setting {', '.join(map(repr, self.unknown))}")
+        if self.fixed:
+            parts.append(f"{owner} fixes {', '.join(map(repr, self.fixed))} itself")
+        super().__init__(f"{'; '.join(parts)}; its settings are: {', '.join(sorted(self.accepted))}")
+
+
+def keyword_settings(target: Callable[..., object]) -> tuple[str, ...]:
+    """The parameters of a function or class that can be passed by keyword, in order."""
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return tuple(p.name for p in inspect.signature(target).parameters.values() if p.kind in kinds)
+
+
+def check_settings(target: Callable[..., object], settings: Mapping[str, object], fixed: Iterable[str] = (),
+                   owner: str = "") -> None:
+    """Refuse, with an :class:`UnknownSettingError`, a keyword ``target`` does not take or that
+    the caller sets itself (``fixed``). A TypeError from the call would name neither the
+    setting's owner nor what it does take."""
+    fixed = set(fixed)
+    known = keyword_settings(target)
+    unknown = [k for k in settings if k not in known]
+    clashes = [k for k in settings if k in fixed]
+    if unknown or clashes:
+        accepted = [k for k in known if k not in fixed]
+        raise UnknownSettingError(owner or getattr(target, "__name__", str(target)), unknown, clashes, accepted, target)
+
+
+def build_model(cls: Callable[..., nn.Module], spec: Mapping[str, object], settings: Mapping[str, object],
+                defaults: Mapping[str, object] = MappingProxyType({})) -> nn.Module:
+    """``cls(**spec, **settings)`` for a registered variant: ``spec`` is what makes the variant
+    (a block, stage depths, widths), ``settings`` what its caller chose, and ``defaults`` the
+    family's choices a caller may override (e.g. 10 classes for CIFAR). A setting that ``cls``
+    does not take or that ``spec`` fixes is an :class:`UnknownSettingError` naming the rest."""
+    check_settings(cls, settings, fixed=spec)
+    return cls(**{**defaults, **settings, **spec})
 
 
 def check_positive(name: str, value: int) -> int:

@@ -1,181 +1,48 @@
 """ResNet (He et al. 2015), pre-activation ResNet (He et al. 2016) and their plain twins.
 
-One class builds them all from a spec: a block type, the number of blocks per stage, the
-stage widths, the stem, and the shortcut kind. A plain twin is the same spec with
+One class builds them all from a spec: a block type (:mod:`.blocks`), the number of blocks per
+stage, the stage widths, the stem, and the shortcut kind. A plain twin is the same spec with
 ``shortcut="none"``. Module names follow torchvision (``conv1, bn1, layer1..4, fc`` and, in a
 block, ``conv1, bn1, ..., downsample``), so its ``state_dict`` loads with ``strict=True``.
+
+Every registered variant below is a function that passes its spec (block, blocks per stage)
+and forwards the caller's settings; a setting the variant fixes or ResNet does not take is a
+one-line :class:`~resdense.errors.ConfigError`.
 """
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from types import MappingProxyType
+from typing import Any, Mapping, Optional, Sequence
 
 import torch
 import torch.nn as nn
 
 from ..errors import ConfigError
 from ._registry import PaperFigures, register_model
+from .blocks import BasicBlock, Bottleneck, PreActBasicBlock, PreActBottleneck, ResidualBlock
 from .layers import (
     ActLayer,
     ClassifierModel,
     NormLayer,
+    build_model,
     check_positive,
-    conv1x1,
-    conv3x3,
+    check_settings,
     init_weights,
     make_act,
-    make_shortcut,
     resolve_norm,
 )
 
-
-class BasicBlock(nn.Module):
-    """Two 3x3 convolutions; ``relu(F(x) + shortcut(x))``."""
-
-    expansion = 1
-    preact = False
-
-    def __init__(self, in_chs: int, planes: int, stride: int, shortcut: str,
-                 norm_layer: NormLayer, act_layer: ActLayer, stride_in_1x1: bool = False) -> None:
-        super().__init__()
-        self.conv1 = conv3x3(in_chs, planes, stride)
-        self.bn1 = norm_layer(planes)
-        self.relu = make_act(act_layer)
-        self.conv2 = conv3x3(planes, planes)
-        self.bn2 = norm_layer(planes)
-        self.downsample, self.use_shortcut = make_shortcut(shortcut, in_chs, planes, stride, norm_layer)
-
-    def zero_init_last(self) -> None:
-        if self.use_shortcut:  # a plain net with a zeroed branch would pass no signal at all
-            # Without a norm layer (norm_layer="none") the branch's last conv is zeroed instead.
-            nn.init.zeros_(self.bn2.weight if hasattr(self.bn2, "weight") else self.conv2.weight)
-
-    def forward_shortcut(self, x: torch.Tensor) -> torch.Tensor:
-        """The block with its residual branch deleted (a lesion, Veit et al. 2016)."""
-        return self.relu(x if self.downsample is None else self.downsample(x))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        if self.use_shortcut:
-            # Out of place: hooks that keep bn2's output (layer responses) must see it unsummed.
-            out = out + (x if self.downsample is None else self.downsample(x))
-        return self.relu(out)
-
-
-class Bottleneck(nn.Module):
-    """1x1 reduce, 3x3, 1x1 expand (x4). The stride sits on the 3x3 (torchvision, "v1.5") or,
-    with ``stride_in_1x1``, on the first 1x1 as in the paper ("v1")."""
-
-    expansion = 4
-    preact = False
-
-    def __init__(self, in_chs: int, planes: int, stride: int, shortcut: str,
-                 norm_layer: NormLayer, act_layer: ActLayer, stride_in_1x1: bool = False) -> None:
-        super().__init__()
-        out_chs = planes * self.expansion
-        s1, s3 = (stride, 1) if stride_in_1x1 else (1, stride)
-        self.conv1 = conv1x1(in_chs, planes, s1)
-        self.bn1 = norm_layer(planes)
-        self.conv2 = conv3x3(planes, planes, s3)
-        self.bn2 = norm_layer(planes)
-        self.conv3 = conv1x1(planes, out_chs)
-        self.bn3 = norm_layer(out_chs)
-        self.relu = make_act(act_layer)
-        self.downsample, self.use_shortcut = make_shortcut(shortcut, in_chs, out_chs, stride, norm_layer)
-
-    def zero_init_last(self) -> None:
-        if self.use_shortcut:
-            nn.init.zeros_(self.bn3.weight if hasattr(self.bn3, "weight") else self.conv3.weight)
-
-    def forward_shortcut(self, x: torch.Tensor) -> torch.Tensor:
-        """The block with its residual branch deleted (a lesion, Veit et al. 2016)."""
-        return self.relu(x if self.downsample is None else self.downsample(x))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.relu(self.bn2(self.conv2(out)))
-        out = self.bn3(self.conv3(out))
-        if self.use_shortcut:
-            out = out + (x if self.downsample is None else self.downsample(x))
-        return self.relu(out)
-
-
-class PreActBasicBlock(nn.Module):
-    """BN-ReLU-conv twice; ``F(x) + shortcut(x)`` with nothing after the addition, so the
-    identity path is clean (He et al. 2016). A projection sees the pre-activated input."""
-
-    expansion = 1
-    preact = True
-
-    def __init__(self, in_chs: int, planes: int, stride: int, shortcut: str,
-                 norm_layer: NormLayer, act_layer: ActLayer, stride_in_1x1: bool = False) -> None:
-        super().__init__()
-        self.bn1 = norm_layer(in_chs)
-        self.relu = make_act(act_layer)
-        self.conv1 = conv3x3(in_chs, planes, stride)
-        self.bn2 = norm_layer(planes)
-        self.conv2 = conv3x3(planes, planes)
-        self.downsample, self.use_shortcut = make_shortcut(shortcut, in_chs, planes, stride, None)
-
-    def zero_init_last(self) -> None:
-        if self.use_shortcut:
-            nn.init.zeros_(self.conv2.weight)
-
-    def forward_shortcut(self, x: torch.Tensor) -> torch.Tensor:
-        """The block with its residual branch deleted (a lesion, Veit et al. 2016)."""
-        return x if self.downsample is None else self.downsample(self.relu(self.bn1(x)))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        pre = self.relu(self.bn1(x))
-        out = self.conv2(self.relu(self.bn2(self.conv1(pre))))
-        if self.use_shortcut:
-            out = out + (x if self.downsample is None else self.downsample(pre))
-        return out
-
-
-class PreActBottleneck(nn.Module):
-    """Pre-activation bottleneck: BN-ReLU-1x1, BN-ReLU-3x3, BN-ReLU-1x1 (x4), clean identity."""
-
-    expansion = 4
-    preact = True
-
-    def __init__(self, in_chs: int, planes: int, stride: int, shortcut: str,
-                 norm_layer: NormLayer, act_layer: ActLayer, stride_in_1x1: bool = False) -> None:
-        super().__init__()
-        out_chs = planes * self.expansion
-        s1, s3 = (stride, 1) if stride_in_1x1 else (1, stride)
-        self.bn1 = norm_layer(in_chs)
-        self.relu = make_act(act_layer)
-        self.conv1 = conv1x1(in_chs, planes, s1)
-        self.bn2 = norm_layer(planes)
-        self.conv2 = conv3x3(planes, planes, s3)
-        self.bn3 = norm_layer(planes)
-        self.conv3 = conv1x1(planes, out_chs)
-        self.downsample, self.use_shortcut = make_shortcut(shortcut, in_chs, out_chs, stride, None)
-
-    def zero_init_last(self) -> None:
-        if self.use_shortcut:
-            nn.init.zeros_(self.conv3.weight)
-
-    def forward_shortcut(self, x: torch.Tensor) -> torch.Tensor:
-        """The block with its residual branch deleted (a lesion, Veit et al. 2016)."""
-        return x if self.downsample is None else self.downsample(self.relu(self.bn1(x)))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        pre = self.relu(self.bn1(x))
-        out = self.relu(self.bn2(self.conv1(pre)))
-        out = self.conv3(self.relu(self.bn3(self.conv2(out))))
-        if self.use_shortcut:
-            out = out + (x if self.downsample is None else self.downsample(pre))
-        return out
+# What the builder passes to every block itself; block_kwargs may set anything else a block takes.
+_BLOCK_ARGS = ("in_chs", "planes", "stride", "shortcut", "norm_layer", "act_layer", "stride_in_1x1")
 
 
 class ResNet(ClassifierModel):
     """A residual (or, with ``shortcut="none"``, plain) network built from a spec.
 
     Args:
-        block: a block class (``BasicBlock``, ``Bottleneck``, ``PreActBasicBlock``, ``PreActBottleneck``).
+        block: a :class:`~resdense.models.blocks.ResidualBlock` class (``BasicBlock``,
+            ``Bottleneck``, ``PreActBasicBlock``, ``PreActBottleneck``).
         layers: blocks per stage, e.g. ``(3, 4, 6, 3)``.
         widths: the width (``planes``) of each stage; a bottleneck's output is 4x this.
         stem_width: channels of the first convolution (default: ``widths[0]``).
@@ -183,12 +50,15 @@ class ResNet(ClassifierModel):
         shortcut: ``"A"``, ``"B"``, ``"C"`` or ``"none"`` (the plain twin).
         stride_in_1x1: bottlenecks only: stride on the first 1x1 (paper) instead of the 3x3.
         zero_init_last: start each residual branch at zero (off by default, as in the papers).
+        drop_rate: dropout before the classifier.
         norm_layer, act_layer: injected layers (default ``BatchNorm2d`` and ``ReLU``).
+        block_kwargs: further keyword settings for every block, e.g. ``{"drop_rate": 0.3}``
+            (dropout inside each branch, as in a Wide ResNet).
     """
 
     def __init__(
         self,
-        block: type[nn.Module],
+        block: type[ResidualBlock],
         layers: Sequence[int],
         widths: Sequence[int] = (64, 128, 256, 512),
         num_classes: int = 1000,
@@ -203,12 +73,10 @@ class ResNet(ClassifierModel):
         drop_rate: float = 0.0,
         norm_layer: Optional[NormLayer] = None,
         act_layer: Optional[ActLayer] = None,
+        block_kwargs: Optional[Mapping[str, Any]] = None,
     ) -> None:
         super().__init__()
-        if len(layers) != len(widths) or not layers:
-            raise ConfigError(f"layers {tuple(layers)} and widths {tuple(widths)} must have the same, non-zero length")
-        for n in layers:
-            check_positive("blocks per stage", n)
+        _check_spec(block, layers, widths, block_kwargs)
         self.num_classes = check_positive("num_classes", num_classes)
         self.in_chans = check_positive("in_chans", in_chans)
         norm_layer = resolve_norm(norm_layer)
@@ -223,18 +91,9 @@ class ResNet(ClassifierModel):
         self.relu = nn.Identity() if preact else make_act(act_layer)
         self.maxpool = nn.MaxPool2d(3, 2, 1) if stem_pool else nn.Identity()
 
-        in_chs = stem_width
-        names = []
-        for i, (n_blocks, planes) in enumerate(zip(layers, widths)):
-            stage_stride = 1 if i == 0 else 2
-            blocks = []
-            for j in range(n_blocks):
-                blocks.append(block(in_chs, planes, stage_stride if j == 0 else 1, shortcut,
-                                    norm_layer, act_layer, stride_in_1x1))
-                in_chs = planes * block.expansion
-            names.append(f"layer{i + 1}")
-            self.add_module(names[-1], nn.Sequential(*blocks))
-        self.stage_names = tuple(names)
+        block_args = dict(block_kwargs or {}, shortcut=shortcut, norm_layer=norm_layer, act_layer=act_layer,
+                          stride_in_1x1=stride_in_1x1)
+        in_chs = self._make_stages(block, layers, widths, stem_width, block_args)
         self.num_features = in_chs
         # Pre-activation nets end with the BN-ReLU the last block left out.
         self.final_norm = norm_layer(in_chs) if preact else nn.Identity()
@@ -244,7 +103,27 @@ class ResNet(ClassifierModel):
         self.head_name = "fc"
         # Every op pads or pools adaptively, so any input of at least one pixel works.
         self.min_input_size = 1
-        init_weights(self, zero_init_last)
+        init_weights(self)
+        if zero_init_last:
+            for m in self.modules():
+                if isinstance(m, ResidualBlock):
+                    m.zero_init_last()
+
+    def _make_stages(self, block: type[ResidualBlock], layers: Sequence[int], widths: Sequence[int],
+                     in_chs: int, block_args: dict[str, Any]) -> int:
+        """Add ``layer1..layerN``; the first block of every stage but the first halves the map.
+        Returns the channels of the last stage's output."""
+        names = []
+        for i, (n_blocks, planes) in enumerate(zip(layers, widths)):
+            blocks = []
+            for j in range(n_blocks):
+                stride = 2 if i > 0 and j == 0 else 1
+                blocks.append(block(in_chs=in_chs, planes=planes, stride=stride, **block_args))
+                in_chs = planes * block.expansion
+            names.append(f"layer{i + 1}")
+            self.add_module(names[-1], nn.Sequential(*blocks))
+        self.stage_names = tuple(names)
+        return in_chs
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
@@ -259,46 +138,78 @@ class ResNet(ClassifierModel):
         return x if pre_logits else self.fc(x)
 
 
+def _check_spec(block: type, layers: Sequence[int], widths: Sequence[int],
+                block_kwargs: Optional[Mapping[str, Any]]) -> None:
+    if not (isinstance(block, type) and issubclass(block, ResidualBlock)):
+        raise ConfigError(f"block must be a ResidualBlock class (e.g. BasicBlock); got {block!r}")
+    if len(layers) != len(widths) or not layers:
+        raise ConfigError(f"layers {tuple(layers)} and widths {tuple(widths)} must have the same, non-zero length")
+    for n in layers:
+        check_positive("blocks per stage", n)
+    if block_kwargs is not None and not isinstance(block_kwargs, Mapping):
+        raise ConfigError(f"block_kwargs must be a mapping of block settings, e.g. {{'drop_rate': 0.3}}; got {block_kwargs!r}")
+    check_settings(block, block_kwargs or {}, fixed=_BLOCK_ARGS, owner=f"block_kwargs of {block.__name__}")
+
+
 # --- variants --------------------------------------------------------------------------------
 
-_IMAGENET_LAYERS = {
+_CIFAR_DEFAULTS = MappingProxyType({"num_classes": 10, "shortcut": "A"})
+_IMAGENET_WIDTHS = (64, 128, 256, 512)
+
+
+def _cifar(block: type[ResidualBlock], n: int, settings: Mapping[str, Any], **fixed: Any) -> ResNet:
+    """A CIFAR-style ResNet (He et al. 2015, Sec. 4.2): 3x3 stem, no pooling, three stages of
+    ``n`` blocks and 16/32/64 planes; 10 classes and shortcut option A unless ``settings`` say
+    otherwise. ``fixed`` adds to the spec what a variant does not let a caller change."""
+    spec = dict(block=block, layers=(n, n, n), widths=(16, 32, 64), stem_kernel=3, stem_stride=1,
+                stem_pool=False, **fixed)
+    return build_model(ResNet, spec, settings, _CIFAR_DEFAULTS)
+
+
+def _imagenet(block: type[ResidualBlock], layers: Sequence[int], settings: Mapping[str, Any], **fixed: Any) -> ResNet:
+    """An ImageNet-style ResNet (Table 1 of the paper): 7x7 stride-2 stem, max-pool, four stages
+    of 64/128/256/512 planes, shortcut option B unless ``settings`` say otherwise."""
+    spec = dict(block=block, layers=tuple(layers), widths=_IMAGENET_WIDTHS, **fixed)
+    return build_model(ResNet, spec, settings)
+
+
+def _cifar_depth(depth: int, bottleneck: bool, preact: bool) -> tuple[type[ResidualBlock], int]:
+    """(block, blocks per stage) of a CIFAR ResNet of ``depth`` = 6n+2 (basic) or 9n+2 (bottleneck)."""
+    per_block, rule = (3, "9n+2") if bottleneck else (2, "6n+2")
+    if not isinstance(depth, int) or depth < per_block * 3 + 2 or (depth - 2) % (per_block * 3):
+        examples = ", ".join(str(per_block * 3 * n + 2) for n in (1, 3, 6, 9))
+        raise ConfigError(f"CIFAR ResNet depth must be {rule} (e.g. {examples}); got {depth}")
+    blocks = ((PreActBasicBlock, PreActBottleneck) if preact else (BasicBlock, Bottleneck))
+    return blocks[bottleneck], (depth - 2) // (per_block * 3)
+
+
+def resnet_cifar(depth: int = 20, bottleneck: bool = False, preact: bool = False, **kwargs: Any) -> ResNet:
+    """CIFAR-style ResNet of any depth: 6n+2 with basic blocks or 9n+2 with bottlenecks.
+    Shortcut option A unless told otherwise."""
+    return _cifar(*_cifar_depth(depth, bottleneck, preact), kwargs)
+
+
+# Blocks per stage of the ImageNet nets by depth (Table 1 of He et al. 2015).
+_IMAGENET_LAYERS = MappingProxyType({
     18: (BasicBlock, (2, 2, 2, 2)),
     34: (BasicBlock, (3, 4, 6, 3)),
     50: (Bottleneck, (3, 4, 6, 3)),
     101: (Bottleneck, (3, 4, 23, 3)),
     152: (Bottleneck, (3, 8, 36, 3)),
-}
-_PREACT_BLOCK = {BasicBlock: PreActBasicBlock, Bottleneck: PreActBottleneck}
+})
+_PREACT_BLOCK = MappingProxyType({BasicBlock: PreActBasicBlock, Bottleneck: PreActBottleneck})
 
 
-def resnet_imagenet(depth: int = 50, preact: bool = False, **kwargs) -> ResNet:
+def resnet_imagenet(depth: int = 50, preact: bool = False, **kwargs: Any) -> ResNet:
     """ImageNet-style ResNet of depth 18, 34, 50, 101 or 152 (7x7 stem, max-pool, 4 stages)."""
     if depth not in _IMAGENET_LAYERS:
         raise ConfigError(f"ImageNet ResNet depth must be one of {', '.join(map(str, _IMAGENET_LAYERS))}; got {depth}")
     block, layers = _IMAGENET_LAYERS[depth]
-    kwargs.setdefault("shortcut", "B")
-    return ResNet(_PREACT_BLOCK[block] if preact else block, layers, (64, 128, 256, 512), **kwargs)
-
-
-def _cifar_blocks(depth: int, per_block: int, rule: str) -> int:
-    if not isinstance(depth, int) or depth < per_block * 3 + 2 or (depth - 2) % (per_block * 3):
-        examples = ", ".join(str(per_block * 3 * n + 2) for n in (1, 3, 6, 9))
-        raise ConfigError(f"CIFAR ResNet depth must be {rule} (e.g. {examples}); got {depth}")
-    return (depth - 2) // (per_block * 3)
-
-
-def resnet_cifar(depth: int = 20, bottleneck: bool = False, preact: bool = False, **kwargs) -> ResNet:
-    """CIFAR-style ResNet (He et al. 2015, Sec. 4.2): 3x3 stem, three stages of 16/32/64, depth
-    6n+2 with basic blocks or 9n+2 with bottlenecks. Shortcut option A unless told otherwise."""
-    per_block, rule = (3, "9n+2") if bottleneck else (2, "6n+2")
-    n = _cifar_blocks(depth, per_block, rule)
-    block = (PreActBottleneck if preact else Bottleneck) if bottleneck else (PreActBasicBlock if preact else BasicBlock)
-    kwargs.setdefault("num_classes", 10)
-    kwargs.setdefault("shortcut", "A")
-    return ResNet(block, (n, n, n), (16, 32, 64), stem_kernel=3, stem_stride=1, stem_pool=False, **kwargs)
+    return _imagenet(_PREACT_BLOCK[block] if preact else block, layers, kwargs)
 
 
 _CIFAR = dict(input_size=(3, 32, 32), family="resnet")
+_IMAGENET = dict(input_size=(3, 224, 224), family="resnet")
 _C10 = "CIFAR-10 test error %"
 
 
@@ -307,102 +218,210 @@ def _paper(params=None, error=None, macs=None, **macs_kwargs) -> PaperFigures:
                         error_label=_C10 if error is not None else "", source="He et al. 2015")
 
 
+def _paper_v1(macs: float) -> PaperFigures:
+    # The paper's bottleneck FLOPs are for the stride on the first 1x1; torchvision's default puts it on the 3x3.
+    return _paper(macs=macs, stride_in_1x1=True)
+
+
+def _preact_paper(params: float, error: float) -> PaperFigures:
+    return PaperFigures(params=params, error=error, error_label=_C10, source="He et al. 2016")
+
+
+# CIFAR, any depth.
+
 @register_model(**_CIFAR)
-def cifar_resnet(depth: int = 20, **kwargs) -> ResNet:
+def cifar_resnet(depth: int = 20, bottleneck: bool = False, preact: bool = False, **kwargs) -> ResNet:
     """CIFAR ResNet of any depth 6n+2 (or 9n+2 with ``bottleneck=True``)."""
-    return resnet_cifar(depth, **kwargs)
+    return _cifar(*_cifar_depth(depth, bottleneck, preact), kwargs)
 
 
 @register_model(**_CIFAR)
-def cifar_plain(depth: int = 20, **kwargs) -> ResNet:
+def cifar_plain(depth: int = 20, bottleneck: bool = False, preact: bool = False, **kwargs) -> ResNet:
     """Plain twin of :func:`cifar_resnet` at any depth."""
-    return resnet_cifar(depth, shortcut="none", **kwargs)
+    return _cifar(*_cifar_depth(depth, bottleneck, preact), kwargs, shortcut="none")
 
+
+@register_model(**_CIFAR)
+def cifar_preact_resnet(depth: int = 110, bottleneck: bool = False, **kwargs) -> ResNet:
+    """Pre-activation CIFAR ResNet of any depth (6n+2 basic, 9n+2 with ``bottleneck=True``);
+    1x1 projections where the shape changes."""
+    return _cifar(*_cifar_depth(depth, bottleneck, preact=True), {"shortcut": "B", **kwargs})
+
+
+# CIFAR ResNets of the paper (Sec. 4.2, Table 6): n basic blocks per stage, depth 6n+2, option A.
 
 @register_model(**_CIFAR, paper=_paper(0.27e6, 8.75))
 def resnet20(**kwargs) -> ResNet:
-    return resnet_cifar(20, **kwargs)
+    return _cifar(BasicBlock, 3, kwargs)
 
 
 @register_model(**_CIFAR, paper=_paper(0.46e6, 7.51))
 def resnet32(**kwargs) -> ResNet:
-    return resnet_cifar(32, **kwargs)
+    return _cifar(BasicBlock, 5, kwargs)
 
 
 @register_model(**_CIFAR, paper=_paper(0.66e6, 7.17))
 def resnet44(**kwargs) -> ResNet:
-    return resnet_cifar(44, **kwargs)
+    return _cifar(BasicBlock, 7, kwargs)
 
 
 @register_model(**_CIFAR, paper=_paper(0.85e6, 6.97))
 def resnet56(**kwargs) -> ResNet:
-    return resnet_cifar(56, **kwargs)
+    return _cifar(BasicBlock, 9, kwargs)
 
 
 @register_model(**_CIFAR, paper=_paper(1.7e6, 6.43))
 def resnet110(**kwargs) -> ResNet:
-    return resnet_cifar(110, **kwargs)
+    return _cifar(BasicBlock, 18, kwargs)
 
 
 @register_model(**_CIFAR, paper=_paper(19.4e6, 7.93))
 def resnet1202(**kwargs) -> ResNet:
-    return resnet_cifar(1202, **kwargs)
+    return _cifar(BasicBlock, 200, kwargs)
 
 
-def _register_cifar_plain(depth: int) -> None:
-    def fn(**kwargs) -> ResNet:
-        return resnet_cifar(depth, shortcut="none", **kwargs)
+# Their plain twins: the same networks without shortcuts.
 
-    fn.__name__ = fn.__qualname__ = f"plain{depth}"
-    fn.__doc__ = f"Plain twin of resnet{depth}: the same network without shortcuts."
-    globals()[fn.__name__] = register_model(**_CIFAR)(fn)
-
-
-for _d in (20, 32, 44, 56, 110, 1202):
-    _register_cifar_plain(_d)
-
-
-def _register_imagenet(depth: int, macs: float) -> None:
-    """resnetD, plainD and preact_resnetD for an ImageNet depth (Table 1 of the paper)."""
-    bottleneck = _IMAGENET_LAYERS[depth][0] is Bottleneck
-    # The paper's FLOPs are for stride on the first 1x1; torchvision's default puts it on the 3x3.
-    paper = _paper(macs=macs, **({"stride_in_1x1": True} if bottleneck else {}))
-    variants = {
-        f"resnet{depth}": (dict(), paper),
-        f"plain{depth}": (dict(shortcut="none"), None),
-        f"preact_resnet{depth}": (dict(preact=True), None),
-    }
-    for name, (fixed, figures) in variants.items():
-        def fn(_fixed=fixed, **kwargs) -> ResNet:
-            return resnet_imagenet(depth, **_fixed, **kwargs)
-
-        fn.__name__ = fn.__qualname__ = name
-        fn.__doc__ = f"ImageNet {name} ({'bottleneck' if bottleneck else 'basic'} blocks)."
-        globals()[name] = register_model(input_size=(3, 224, 224), paper=figures, family="resnet")(fn)
-
-
-for _d, _macs in ((18, 1.8e9), (34, 3.6e9), (50, 3.8e9), (101, 7.6e9), (152, 11.3e9)):
-    _register_imagenet(_d, _macs)
+@register_model(**_CIFAR)
+def plain20(**kwargs) -> ResNet:
+    """Plain twin of resnet20: the same network without shortcuts."""
+    return _cifar(BasicBlock, 3, kwargs, shortcut="none")
 
 
 @register_model(**_CIFAR)
-def cifar_preact_resnet(depth: int = 110, **kwargs) -> ResNet:
-    """Pre-activation CIFAR ResNet of any depth (6n+2 basic, 9n+2 with ``bottleneck=True``);
-    1x1 projections where the shape changes."""
-    kwargs.setdefault("shortcut", "B")
-    return resnet_cifar(depth, preact=True, **kwargs)
+def plain32(**kwargs) -> ResNet:
+    """Plain twin of resnet32: the same network without shortcuts."""
+    return _cifar(BasicBlock, 5, kwargs, shortcut="none")
 
+
+@register_model(**_CIFAR)
+def plain44(**kwargs) -> ResNet:
+    """Plain twin of resnet44: the same network without shortcuts."""
+    return _cifar(BasicBlock, 7, kwargs, shortcut="none")
+
+
+@register_model(**_CIFAR)
+def plain56(**kwargs) -> ResNet:
+    """Plain twin of resnet56: the same network without shortcuts."""
+    return _cifar(BasicBlock, 9, kwargs, shortcut="none")
+
+
+@register_model(**_CIFAR)
+def plain110(**kwargs) -> ResNet:
+    """Plain twin of resnet110: the same network without shortcuts."""
+    return _cifar(BasicBlock, 18, kwargs, shortcut="none")
+
+
+@register_model(**_CIFAR)
+def plain1202(**kwargs) -> ResNet:
+    """Plain twin of resnet1202: the same network without shortcuts."""
+    return _cifar(BasicBlock, 200, kwargs, shortcut="none")
+
+
+# Pre-activation CIFAR ResNets (He et al. 2016): 1x1 projections where the shape changes.
 
 @register_model(**_CIFAR)
 def preact_resnet110(**kwargs) -> ResNet:
-    return cifar_preact_resnet(110, **kwargs)
+    return _cifar(PreActBasicBlock, 18, {"shortcut": "B", **kwargs})
 
 
-@register_model(**_CIFAR, paper=PaperFigures(params=1.7e6, error=5.46, error_label=_C10, source="He et al. 2016"))
+@register_model(**_CIFAR, paper=_preact_paper(1.7e6, 5.46))
 def preact_resnet164(**kwargs) -> ResNet:
-    return cifar_preact_resnet(164, bottleneck=True, **kwargs)
+    return _cifar(PreActBottleneck, 18, {"shortcut": "B", **kwargs})
 
 
-@register_model(**_CIFAR, paper=PaperFigures(params=10.2e6, error=4.92, error_label=_C10, source="He et al. 2016"))
+@register_model(**_CIFAR, paper=_preact_paper(10.2e6, 4.92))
 def preact_resnet1001(**kwargs) -> ResNet:
-    return cifar_preact_resnet(1001, bottleneck=True, **kwargs)
+    return _cifar(PreActBottleneck, 111, {"shortcut": "B", **kwargs})
+
+
+# ImageNet ResNets (Table 1 of He et al. 2015), their plain twins and pre-activation versions.
+
+@register_model(**_IMAGENET, paper=_paper(macs=1.8e9))
+def resnet18(**kwargs) -> ResNet:
+    """ImageNet resnet18 (basic blocks)."""
+    return _imagenet(BasicBlock, (2, 2, 2, 2), kwargs)
+
+
+@register_model(**_IMAGENET, paper=_paper(macs=3.6e9))
+def resnet34(**kwargs) -> ResNet:
+    """ImageNet resnet34 (basic blocks)."""
+    return _imagenet(BasicBlock, (3, 4, 6, 3), kwargs)
+
+
+@register_model(**_IMAGENET, paper=_paper_v1(3.8e9))
+def resnet50(**kwargs) -> ResNet:
+    """ImageNet resnet50 (bottleneck blocks)."""
+    return _imagenet(Bottleneck, (3, 4, 6, 3), kwargs)
+
+
+@register_model(**_IMAGENET, paper=_paper_v1(7.6e9))
+def resnet101(**kwargs) -> ResNet:
+    """ImageNet resnet101 (bottleneck blocks)."""
+    return _imagenet(Bottleneck, (3, 4, 23, 3), kwargs)
+
+
+@register_model(**_IMAGENET, paper=_paper_v1(11.3e9))
+def resnet152(**kwargs) -> ResNet:
+    """ImageNet resnet152 (bottleneck blocks)."""
+    return _imagenet(Bottleneck, (3, 8, 36, 3), kwargs)
+
+
+@register_model(**_IMAGENET)
+def plain18(**kwargs) -> ResNet:
+    """ImageNet plain18 (basic blocks)."""
+    return _imagenet(BasicBlock, (2, 2, 2, 2), kwargs, shortcut="none")
+
+
+@register_model(**_IMAGENET)
+def plain34(**kwargs) -> ResNet:
+    """ImageNet plain34 (basic blocks)."""
+    return _imagenet(BasicBlock, (3, 4, 6, 3), kwargs, shortcut="none")
+
+
+@register_model(**_IMAGENET)
+def plain50(**kwargs) -> ResNet:
+    """ImageNet plain50 (bottleneck blocks)."""
+    return _imagenet(Bottleneck, (3, 4, 6, 3), kwargs, shortcut="none")
+
+
+@register_model(**_IMAGENET)
+def plain101(**kwargs) -> ResNet:
+    """ImageNet plain101 (bottleneck blocks)."""
+    return _imagenet(Bottleneck, (3, 4, 23, 3), kwargs, shortcut="none")
+
+
+@register_model(**_IMAGENET)
+def plain152(**kwargs) -> ResNet:
+    """ImageNet plain152 (bottleneck blocks)."""
+    return _imagenet(Bottleneck, (3, 8, 36, 3), kwargs, shortcut="none")
+
+
+@register_model(**_IMAGENET)
+def preact_resnet18(**kwargs) -> ResNet:
+    """ImageNet preact_resnet18 (basic blocks)."""
+    return _imagenet(PreActBasicBlock, (2, 2, 2, 2), kwargs)
+
+
+@register_model(**_IMAGENET)
+def preact_resnet34(**kwargs) -> ResNet:
+    """ImageNet preact_resnet34 (basic blocks)."""
+    return _imagenet(PreActBasicBlock, (3, 4, 6, 3), kwargs)
+
+
+@register_model(**_IMAGENET)
+def preact_resnet50(**kwargs) -> ResNet:
+    """ImageNet preact_resnet50 (bottleneck blocks)."""
+    return _imagenet(PreActBottleneck, (3, 4, 6, 3), kwargs)
+
+
+@register_model(**_IMAGENET)
+def preact_resnet101(**kwargs) -> ResNet:
+    """ImageNet preact_resnet101 (bottleneck blocks)."""
+    return _imagenet(PreActBottleneck, (3, 4, 23, 3), kwargs)
+
+
+@register_model(**_IMAGENET)
+def preact_resnet152(**kwargs) -> ResNet:
+    """ImageNet preact_resnet152 (bottleneck blocks)."""
+    return _imagenet(PreActBottleneck, (3, 8, 36, 3), kwargs)

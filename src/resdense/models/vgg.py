@@ -14,7 +14,7 @@ import torch.nn as nn
 
 from ..errors import ConfigError
 from ._registry import PaperFigures, register_model
-from .layers import ActLayer, ClassifierModel, NormLayer, check_positive, init_weights, make_act, resolve_norm
+from .layers import ActLayer, ClassifierModel, NormLayer, build_model, check_positive, init_weights, make_act, resolve_norm
 
 # Stage widths and convolutions per stage for each depth ("M" ends a stage with a 2x2 max-pool).
 _CONFIGS = {
@@ -93,11 +93,10 @@ class VGG(ClassifierModel):
                 paper=PaperFigures(macs=19.6e9, source="He et al. 2015, Fig. 3"))
 def vgg19_bn(**kwargs) -> VGG:
     """VGG-19 with batch norm and torchvision's ImageNet head."""
-    return VGG(19, **kwargs)
+    return build_model(VGG, {"depth": 19}, kwargs)
 
 
 @register_model(input_size=(3, 32, 32), family="vgg")
 def cifar_vgg19_bn(**kwargs) -> VGG:
     """VGG-19 with batch norm and a CIFAR head (global pool, one linear layer)."""
-    kwargs.setdefault("num_classes", 10)
-    return VGG(19, head="cifar", **kwargs)
+    return build_model(VGG, {"depth": 19, "head": "cifar"}, kwargs, {"num_classes": 10})
