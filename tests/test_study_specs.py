@@ -16,28 +16,7 @@ from resdense.studies import STUDIES, StudyConfig, get_study
 from resdense.studies.report import group_table, verdicts
 from resdense.studies.stats import Claim, decide
 
-from test_studies import build_tiny_study, run_cli, small_test_split
-
-# The smoke preset, cut further: one seed, one epoch of 128 images; depth 8 where there is a choice.
-TINY = ["--data", "fashion-mnist", "--preset", "smoke", "--seeds", "0", "--set", "train_subset=128",
-        "--set", "epochs=1", "--set", "precision=fp32", "--set", "threads=1"]
-SPEC_ARGS = {"efficiency": [], "shortcuts": ["--depth", "8"], "remedies": ["--depth", "8"]}
-
-
-def build_tiny_studies(base: Path) -> Path:
-    """One tiny finished study of every spec in ``base/NAME`` (degradation's is the shared one of
-    test_studies), built once per session."""
-    if (base / "done").is_file():
-        return base
-    base.mkdir(parents=True, exist_ok=True)
-    degradation, _ = build_tiny_study(base.parent / "tiny-degradation-study")
-    if not (base / "degradation").exists():
-        (base / "degradation").symlink_to(degradation)
-    for name, extra in SPEC_ARGS.items():
-        code, out, err = run_cli(["study", name, *TINY, *extra, "--out", str(base / name)])
-        assert code == 0, err
-    (base / "done").write_text("")
-    return base
+from conftest import SPEC_ARGS, build_tiny_studies, run_cli, small_test_split
 
 
 @pytest.fixture(scope="module")
