@@ -262,3 +262,17 @@ def test_every_preset_of_every_study_builds_valid_runs_and_models(name, preset):
     check_models(runs)  # every model builds (on the meta device)
     claims = spec.claims(study, None)
     assert claims and all(c.terms for c in claims)
+
+
+@pytest.mark.parametrize("name", list(STUDIES))
+def test_every_study_has_a_smoke_preset_of_one_small_step_per_run(name):
+    """`--preset smoke` checks any study end to end in seconds: with the default options and
+    seeds, every run trains one step on a few images and evaluates a few."""
+    spec = get_study(name)
+    assert "smoke" in spec.presets
+    runs = spec.runs(StudyConfig(study=name, preset="smoke", options=dict(spec.default_options)))
+    assert {r.seed for r in runs} == {0, 1, 2} and len(runs) <= 21
+    for r in runs:
+        cfg = r.config
+        assert cfg.epochs == 1 and cfg.iterations is None and cfg.train_subset <= cfg.batch_size <= 16
+        assert cfg.val_size <= 16 and cfg.test_subset <= 16

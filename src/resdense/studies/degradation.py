@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from ..errors import ConfigError
-from .spec import QUICK_CPU, Arm, ArmOrder, StudyConfig, StudySpec, register_study
+from .spec import QUICK_CPU, SMOKE, Arm, ArmOrder, StudyConfig, StudySpec, register_study
 from .stats import Claim
 
 # The plain twin and its residual net, each at every depth the study compares.
@@ -27,6 +27,7 @@ ARMS = (PLAIN, RESNET)
 
 PRESETS: dict[str, dict[str, Any]] = {
     "quick": dict(QUICK_CPU),
+    "smoke": dict(QUICK_CPU, **SMOKE),
     # He et al. 2015, Sec. 4.2 (for users with a GPU and CIFAR-10): depths 20/32/44/56/110.
     "paper": dict(recipe="resnet-cifar-paper", curve_every=100),
 }
