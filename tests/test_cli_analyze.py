@@ -15,7 +15,8 @@ import pytest
 
 from resdense.train.config import TrainConfig, apply_overrides
 from resdense.train.runner import train
-from test_studies import DEPTHS, PNG_MAGIC, build_tiny_study, run_cli, small_test_split
+
+from conftest import DEPTHS, PNG_MAGIC, build_tiny_study, run_cli, small_test_split
 
 NETS = [f"{kind}{depth}" for depth in DEPTHS for kind in ("plain", "resnet")]
 

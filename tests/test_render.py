@@ -22,8 +22,7 @@ from typing import Callable
 import pytest
 from PIL import Image
 
-from test_studies import build_tiny_study, run_cli, small_test_split
-from test_study_specs import SPEC_ARGS, build_tiny_studies
+from conftest import SPEC_ARGS, build_tiny_studies, build_tiny_study, run_cli, small_test_split
 
 CHROMIUM = shutil.which("chromium")
 WINDOW = (1280, 1000)  # width, height of the window and of the screenshots

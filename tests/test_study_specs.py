@@ -16,28 +16,7 @@ from resdense.studies import STUDIES, StudyConfig, get_study
 from resdense.studies.report import group_table, verdicts
 from resdense.studies.stats import Claim, decide
 
-from test_studies import build_tiny_study, run_cli, small_test_split
-
-# The smoke preset, cut further: one seed, one epoch of 128 images; depth 8 where there is a choice.
-TINY = ["--data", "fashion-mnist", "--preset", "smoke", "--seeds", "0", "--set", "train_subset=128",
-        "--set", "epochs=1", "--set", "precision=fp32", "--set", "threads=1"]
-SPEC_ARGS = {"efficiency": [], "shortcuts": ["--depth", "8"], "remedies": ["--depth", "8"]}
-
-
-def build_tiny_studies(base: Path) -> Path:
-    """One tiny finished study of every spec in ``base/NAME`` (degradation's is the shared one of
-    test_studies), built once per session."""
-    if (base / "done").is_file():
-        return base
-    base.mkdir(parents=True, exist_ok=True)
-    degradation, _ = build_tiny_study(base.parent / "tiny-degradation-study")
-    if not (base / "degradation").exists():
-        (base / "degradation").symlink_to(degradation)
-    for name, extra in SPEC_ARGS.items():
-        code, out, err = run_cli(["study", name, *TINY, *extra, "--out", str(base / name)])
-        assert code == 0, err
-    (base / "done").write_text("")
-    return base
+from conftest import SPEC_ARGS, build_tiny_studies, run_cli, small_test_split
 
 
 @pytest.fixture(scope="module")
@@ -283,3 +262,17 @@ def test_every_preset_of_every_study_builds_valid_runs_and_models(name, preset):
     check_models(runs)  # every model builds (on the meta device)
     claims = spec.claims(study, None)
     assert claims and all(c.terms for c in claims)
+
+
+@pytest.mark.parametrize("name", list(STUDIES))
+def test_every_study_has_a_smoke_preset_of_one_small_step_per_run(name):
+    """`--preset smoke` checks any study end to end in seconds: with the default options and
+    seeds, every run trains one step on a few images and evaluates a few."""
+    spec = get_study(name)
+    assert "smoke" in spec.presets
+    runs = spec.runs(StudyConfig(study=name, preset="smoke", options=dict(spec.default_options)))
+    assert {r.seed for r in runs} == {0, 1, 2} and len(runs) <= 21
+    for r in runs:
+        cfg = r.config
+        assert cfg.epochs == 1 and cfg.iterations is None and cfg.train_subset <= cfg.batch_size <= 16
+        assert cfg.val_size <= 16 and cfg.test_subset <= 16

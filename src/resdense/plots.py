@@ -20,7 +20,6 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
-from matplotlib.patches import Patch
 from matplotlib.ticker import MaxNLocator
 
 if TYPE_CHECKING:
@@ -230,76 +229,7 @@ def plot_reuse(report: "ReuseReport", path: PathLike, title: str = "") -> Path:
 __all__ = ["plot_gradient_norms", "plot_layer_responses", "plot_lesion", "plot_reuse"]
 
 
-# --- training and studies ---------------------------------------------------------------------
-
-def plot_degradation_curves(rows: list[dict], path: PathLike,
-                            title: str = "Plain vs residual networks: training and validation error") -> Path:
-    """He et al. 2015, Fig. 6: error vs iterations, plain nets left and residual nets right, one
-    colour per depth; training error thin and dashed, validation error bold. Rows are the study's
-    results (``curve`` points of running training error, ``epochs`` with validation error)."""
-    depths = sorted({r["depth"] for r in rows})
-    fig, axes = _figure(ncols=2, width=6.0, height=4.4)
-    top = 0.0
-    for ax, kind, name in zip(axes, ("plain", "resnet"), ("plain nets", "residual nets (ResNet)")):
-        for i, depth in enumerate(depths):
-            group = [r for r in rows if r["kind"] == kind and r["depth"] == depth]
-            if not group:
-                continue
-            colour = f"C{i % 10}"
-            # Seeds share the step grid (same recipe); a run cut short by a resume keeps its points.
-            n_curve = min(len(r["curve"]) for r in group)
-            if n_curve:
-                steps = [p["step"] for p in group[0]["curve"][:n_curve]]
-                errs = [[100 * p["train_error"] for p in r["curve"][:n_curve]] for r in group]
-                _band(ax, steps, errs, dict(color=colour, linestyle="--"), "", linewidth=0.8, alpha=0.8)
-                top = max(top, max(max(e) for e in errs))
-            vals = [[(e["step"], 100 * e["val_error"]) for e in r["epochs"] if e.get("val_error") == e.get("val_error")]
-                    for r in group]
-            n_val = min(len(v) for v in vals)
-            if n_val:
-                _band(ax, [s for s, _ in vals[0][:n_val]], [[v for _, v in run[:n_val]] for run in vals],
-                      dict(color=colour, linestyle="-"), "", linewidth=2.5, marker="o", markersize=4)
-                top = max(top, max(v for run in vals for _, v in run))  # the y range must not clip any seed
-        ax.set_title(name)
-        ax.set_xlabel("iterations (optimiser steps)")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_ylabel("error (%)")
-        ax.grid(True, alpha=0.3)
-    for ax in axes:
-        ax.set_ylim(0, min(100.0, top * 1.05) if top else 100.0)
-    seeds = max(len({r["seed"] for r in rows if r["kind"] == k and r["depth"] == d}) for k in ("plain", "resnet")
-                for d in depths) if rows else 1
-    handles = [Line2D([], [], color=f"C{i % 10}", linewidth=2.5, label=f"{d} layers") for i, d in enumerate(depths)]
-    handles += [Line2D([], [], color="grey", linestyle="--", linewidth=0.8, label="training error (running)"),
-                Line2D([], [], color="grey", linewidth=2.5, label="validation error")]
-    if seeds > 1:
-        handles.append(Patch(color="grey", alpha=0.25, label=f"range over {seeds} seeds (line: mean)"))
-    # Below the panels: inside, it would cover the curves' ends, where the comparison is read.
-    fig.legend(handles=handles, loc="outside lower center", ncol=len(handles), fontsize=9, frameon=False)
-    fig.suptitle(title)
-    return _save(fig, path)
-
-
-def plot_error_vs_depth(table: list[dict], path: PathLike, title: str = "Final error vs depth") -> Path:
-    """Final training and test error against depth, plain (dashed) vs residual (solid), with
-    error bars of one standard deviation over seeds."""
-    fig, axes = _figure(ncols=2, width=5.5, height=4.2)
-    depths = sorted({t["depth"] for t in table})
-    for ax, (key, label) in zip(axes, (("train_error", "training error"), ("test_error", "test error"))):
-        for i, (kind, name) in enumerate((("plain", "plain"), ("resnet", "ResNet"))):
-            pts = sorted((t["depth"], 100 * t[key], 100 * t[key + "_std"]) for t in table if t["kind"] == kind)
-            if pts:
-                d, m, s = zip(*pts)
-                ax.errorbar(d, m, yerr=s, label=name, capsize=3, marker="o", **_style(i, kind == "resnet"))
-        ax.set_xticks(depths)  # ticks at the depths trained, not at depths that do not exist
-        ax.set_xlabel("depth (weighted layers)")
-        ax.set_ylabel(f"{label} (%)")
-        ax.set_title(label.capitalize())
-        ax.grid(True, alpha=0.3)
-        ax.legend()
-    fig.suptitle(title)
-    return _save(fig, path)
-
+# --- training ------------------------------------------------------------------------------
 
 def plot_confusion(confusion, classes: list[str], path: PathLike, title: str = "Confusion matrix") -> Path:
     """Row-normalised confusion matrix (rows: true class, columns: predicted), with counts."""

@@ -1,6 +1,6 @@
 """Studies: the papers' claims as runs, result rows, decided claims and reports.
 
-A study is a spec (:class:`StudySpec`: its runs, claims and figures) registered by name;
+A study is a spec (:class:`StudySpec`: its arms, claims and figures) registered by name;
 importing this package registers every spec.
 """
 

@@ -12,18 +12,22 @@ Claims (training error of the final model, eval mode, on its training images):
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Optional
 
 from ..errors import ConfigError
-from .spec import QUICK_CPU, RunSpec, StudyConfig, StudySpec, register_study, run_config
+from .spec import QUICK_CPU, SMOKE, Arm, ArmOrder, StudyConfig, StudySpec, register_study
 from .stats import Claim
 
-KINDS = {"plain": "cifar_plain", "resnet": "cifar_resnet"}  # plain twin, residual net
-NAMES = {"plain": "plain", "resnet": "ResNet"}
+# The plain twin and its residual net, each at every depth the study compares.
+PLAIN = Arm("plain", "cifar_plain", labels={"kind": "plain"}, about="plain nets", shortcuts=False)
+RESNET = Arm("resnet", "cifar_resnet", labels={"kind": "resnet"}, about="residual nets (ResNet)")
+ARMS = (PLAIN, RESNET)
 
 PRESETS: dict[str, dict[str, Any]] = {
     "quick": dict(QUICK_CPU),
+    "smoke": dict(QUICK_CPU, **SMOKE),
     # He et al. 2015, Sec. 4.2 (for users with a GPU and CIFAR-10): depths 20/32/44/56/110.
     "paper": dict(recipe="resnet-cifar-paper", curve_every=100),
 }
@@ -41,19 +45,11 @@ def _options(study: StudyConfig) -> tuple[list[int], str]:
     return depths, shortcut
 
 
-def runs(study: StudyConfig) -> list[RunSpec]:
-    """Every (depth, seed, kind): identical settings but for the shortcut. Ordered so that each
-    seed's four nets finish together (a study stopped early still has complete seeds)."""
+def arms(study: StudyConfig) -> list[Arm]:
+    """Both kinds at every depth, identical but for the shortcut; runs named ``plain56-seed0``."""
     depths, shortcut = _options(study)
-    out = []
-    for seed in study.seeds:
-        for depth in depths:
-            for kind, model in KINDS.items():
-                name = f"{kind}{depth}-seed{seed}"
-                kwargs = {"depth": depth, **({"shortcut": shortcut} if kind == "resnet" else {})}
-                cfg = run_config(study, SPEC, name, model, kwargs, seed)
-                out.append(RunSpec(name, group_name(kind, depth), seed, {"kind": kind, "depth": depth}, cfg))
-    return out
+    kinds = (PLAIN, replace(RESNET, model_kwargs={"shortcut": shortcut}))
+    return [replace(kind.at_depth(depth), name=f"{kind.group}{depth}") for depth in depths for kind in kinds]
 
 
 def claims(study: StudyConfig, table: Optional[list[dict[str, Any]]] = None) -> list[Claim]:
@@ -78,27 +74,23 @@ def claims(study: StudyConfig, table: Optional[list[dict[str, Any]]] = None) -> 
 
 
 def figures(rows: list[dict[str, Any]], table: list[dict[str, Any]], out: Path) -> list[tuple[str, str]]:
-    from .. import plots
+    from .figures import plot_degradation_curves, plot_error_vs_depth
 
     made = [("curves.png", "Running training error (thin, dashed) and validation error (bold) vs iterations; "
                            "plain nets left, residual nets right (after He et al. 2015, Fig. 6); with several "
                            "seeds, each line is their mean and the shading their range.")]
-    plots.plot_degradation_curves(rows, out / "curves.png")
+    plot_degradation_curves(rows, out / "curves.png", ARMS)
     if len({t["depth"] for t in table}) > 1:
-        plots.plot_error_vs_depth(table, out / "error_vs_depth.png")
+        plot_error_vs_depth(table, out / "error_vs_depth.png", ARMS)
         made.append(("error_vs_depth.png", "Final training error (eval mode, training images) and test error vs "
                                            "depth, mean ± std over seeds."))
     return made
 
 
-def _order(entry: dict[str, Any]) -> Any:
-    return list(KINDS).index(entry["kind"]), entry["depth"]
-
-
 SPEC = register_study(StudySpec(
     name="degradation", title="Degradation study: plain vs residual networks",
     summary="plain nets vs their residual twins across depth (ResNet paper, Fig. 1 and 6)",
-    presets=PRESETS, runs=runs, claims=claims, figures=figures, group_order=_order,
+    presets=PRESETS, arms=arms, claims=claims, figures=figures, group_order=ArmOrder(ARMS, "kind"),
     label_columns=("kind", "depth"), default_options={"depths": [20, 56], "shortcut": "A"},
     option_help={"depths": "depths compared", "shortcut": "the residual nets' shortcut option A, B or C"},
     setup_note="shortcut option {shortcut} for the residual nets"))

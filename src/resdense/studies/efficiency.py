@@ -24,26 +24,27 @@ from typing import Any, Optional
 
 from ..errors import ConfigError
 from .report import count_text
-from .spec import QUICK_CPU, SMOKE, RunSpec, StudyConfig, StudySpec, register_study, run_config
+from .spec import QUICK_CPU, SMOKE, Arm, ArmOrder, StudyConfig, StudySpec, register_study
 from .stats import Claim
 
-# (family, depth) per preset. Depths: DenseNet-BC 6n+4, basic ResNets 6n+2, bottlenecks 9n+2;
-# 20 and 110 are both of the last two, so basic and bottleneck meet at equal depth there.
-MODELS: dict[str, tuple[tuple[str, int], ...]] = {
+DENSENET_BC = Arm("densenet-bc", "cifar_densenet", {"growth_rate": 12, "bc": True}, labels={"family": "densenet-bc"})
+RESNET = Arm("resnet", "cifar_resnet", labels={"family": "resnet"})
+BOTTLENECK = Arm("resnet-bottleneck", "cifar_resnet", {"bottleneck": True}, labels={"family": "resnet-bottleneck"})
+ARMS = (DENSENET_BC, RESNET, BOTTLENECK)
+
+# The arms at their depths, per preset. Depths: DenseNet-BC 6n+4, basic ResNets 6n+2, bottlenecks
+# 9n+2; 20 and 110 are both of the last two, so basic and bottleneck meet at equal depth there.
+PRESET_ARMS: dict[str, tuple[Arm, ...]] = {
     # Sized so that three seeds decide within about 15 minutes on a 2-core AVX2 CPU in fp32: a
     # DenseNet-BC-40 step costs as much as four ResNet-20 steps there.
-    "quick": (("densenet-bc", 22), ("densenet-bc", 40), ("resnet", 20), ("resnet", 32), ("resnet-bottleneck", 20)),
-    # A seconds-long check that the study runs end to end (its claims mean nothing at this size).
-    "smoke": (("densenet-bc", 10), ("densenet-bc", 16), ("resnet", 8), ("resnet", 20), ("resnet-bottleneck", 20)),
+    "quick": (DENSENET_BC.at_depth(22), DENSENET_BC.at_depth(40), RESNET.at_depth(20), RESNET.at_depth(32),
+              BOTTLENECK.at_depth(20)),
+    # One net of each family, the two ResNets at the depth where basic and bottleneck meet: every
+    # claim is made, on numbers that mean nothing.
+    "smoke": (DENSENET_BC.at_depth(10), RESNET.at_depth(20), BOTTLENECK.at_depth(20)),
     # DenseNet paper, Table 2 (C10+): DenseNet-BC-100 k=12 against ResNet-110 (and its bottleneck twin).
-    "paper": (("densenet-bc", 40), ("densenet-bc", 100), ("resnet", 110), ("resnet-bottleneck", 110)),
+    "paper": (DENSENET_BC.at_depth(40), DENSENET_BC.at_depth(100), RESNET.at_depth(110), BOTTLENECK.at_depth(110)),
 }
-FAMILIES = {  # family -> (model builder, its kwargs besides depth)
-    "densenet-bc": ("cifar_densenet", {"growth_rate": 12, "bc": True}),
-    "resnet": ("cifar_resnet", {}),
-    "resnet-bottleneck": ("cifar_resnet", {"bottleneck": True}),
-}
-FAMILY_ORDER = tuple(FAMILIES)
 
 PRESETS: dict[str, dict[str, Any]] = {
     # The claims are on test error, so the whole 10,000-image test set: on the 2,000-image subset
@@ -62,26 +63,15 @@ PAPER_ROWS = (("DenseNet-BC (L=100, k=12)", 0.8e6, 4.51), ("ResNet-110", 1.7e6, 
 BOTTLENECK_MARGIN = 1.0  # points: "without degrading performance much"
 
 
-def group_name(family: str, depth: int) -> str:
-    return f"{family}-{depth}"
+def arms(study: StudyConfig) -> list[Arm]:
+    """The preset's nets: one recipe for all of them, as the claims need."""
+    if study.preset not in PRESET_ARMS:
+        raise ConfigError(f"unknown preset {study.preset!r} for study efficiency; choose one of {', '.join(PRESET_ARMS)}")
+    return list(PRESET_ARMS[study.preset])
 
 
-def _models(study: StudyConfig) -> tuple[tuple[str, int], ...]:
-    if study.preset not in MODELS:
-        raise ConfigError(f"unknown preset {study.preset!r} for study efficiency; choose one of {', '.join(MODELS)}")
-    return MODELS[study.preset]
-
-
-def runs(study: StudyConfig) -> list[RunSpec]:
-    """Every (model, seed), seed-major so that a study stopped early has complete seeds."""
-    out = []
-    for seed in study.seeds:
-        for family, depth in _models(study):
-            model, kwargs = FAMILIES[family]
-            name = f"{group_name(family, depth)}-seed{seed}"
-            cfg = run_config(study, SPEC, name, model, {"depth": depth, **kwargs}, seed)
-            out.append(RunSpec(name, group_name(family, depth), seed, {"family": family, "depth": depth}, cfg))
-    return out
+def _depths(study: StudyConfig, family: Arm) -> set[int]:
+    return {a.labels["depth"] for a in arms(study) if a.labels["family"] == family.labels["family"]}
 
 
 def _ratio(big: Optional[float], small: Optional[float]) -> str:
@@ -115,9 +105,8 @@ def claims(study: StudyConfig, table: Optional[list[dict[str, Any]]] = None) -> 
                  f"{_ratio(best[key], dense[key])} fewer {what} ({count_text(dense[key])} vs {count_text(best[key])}), "
                  f"at most {margin:g} point{'s' if margin != 1 else ''} worse",
             ((dense["group"], 1.0), (best["group"], -1.0)), sign=-1, metric="test_error", margin=margin))
-    pairs = sorted({d for f, d in _models(study) if f == "resnet"} & {d for f, d in _models(study) if f == "resnet-bottleneck"})
-    for depth in pairs:
-        basic, bottle = group_name("resnet", depth), group_name("resnet-bottleneck", depth)
+    for depth in sorted(_depths(study, RESNET) & _depths(study, BOTTLENECK)):
+        basic, bottle = RESNET.at_depth(depth).group, BOTTLENECK.at_depth(depth).group
         out.append(Claim(
             f"bottleneck_{depth}", f"Bottleneck blocks cut parameters without degrading much: bottleneck ResNet-{depth} "
                                    f"is at most {BOTTLENECK_MARGIN:g} point worse than basic ResNet-{depth}",
@@ -146,20 +135,16 @@ def figures(rows: list[dict[str, Any]], table: list[dict[str, Any]], out: Path) 
 
     if not any(t.get("params") for t in table):
         return []
-    plot_efficiency(table, out / "efficiency.png")
+    plot_efficiency(table, out / "efficiency.png", ARMS)
     return [("efficiency.png", "Test error (mean ± std over seeds) against parameters, multiply-adds per image "
                                "(after Huang et al. 2017, Fig. 4) and wall time per run on this machine, all on log "
                                "axes; labels are depths.")]
 
 
-def _order(entry: dict[str, Any]) -> Any:
-    return FAMILY_ORDER.index(entry["family"]), entry["depth"]
-
-
 SPEC = register_study(StudySpec(
     name="efficiency", title="Efficiency study: DenseNet-BC and ResNets by parameters, multiply-adds and time",
     summary="DenseNet-BC vs basic and bottleneck ResNets: error per parameter, MAC and second (DenseNet paper, Fig. 4)",
-    presets=PRESETS, runs=runs, claims=claims, figures=figures, group_order=_order,
+    presets=PRESETS, arms=arms, claims=claims, figures=figures, group_order=ArmOrder(ARMS, "family"),
     label_columns=("family", "depth"), default_options={"margin": 0.5},
     option_help={"margin": "points by which DenseNet-BC may trail the best ResNet and still reach its error"},
     setup_note="non-inferiority margin {margin} points for the DenseNet claims", extra_tables=extra_tables))

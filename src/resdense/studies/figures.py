@@ -1,5 +1,5 @@
-"""Figures of the efficiency, shortcuts and remedies studies, drawn from their group tables and
-result rows (the degradation study's live in :mod:`resdense.plots` with the analyses')."""
+"""Figures of the studies, drawn from their group tables and result rows; which nets a figure
+shows and how it names them come from the study's arms."""
 
 from __future__ import annotations
 
@@ -12,32 +12,38 @@ import numpy as np
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from matplotlib.ticker import NullFormatter
+from matplotlib.lines import Line2D
+from matplotlib.patches import Patch
+from matplotlib.ticker import MaxNLocator, NullFormatter
 
-from ..plots import PathLike, _band, _figure, _save
+from ..plots import PathLike, _band, _figure, _save, _style
 from .report import count_text
+from .spec import Arm
 
-_FAMILY_STYLE = {"densenet-bc": dict(color="tab:green", marker="o"), "resnet": dict(color="tab:blue", marker="s"),
-                 "resnet-bottleneck": dict(color="tab:purple", marker="^")}
+# One per arm of the efficiency figure, in the arms' order.
+_ARM_STYLES = (dict(color="tab:green", marker="o"), dict(color="tab:blue", marker="s"),
+               dict(color="tab:purple", marker="^"), dict(color="tab:orange", marker="D"))
 
 
 def _pct(t: dict[str, Any], key: str = "test_error") -> tuple[float, float]:
     return 100 * t[key], 100 * t.get(key + "_std", 0.0)
 
 
-def plot_efficiency(table: list[dict[str, Any]], path: PathLike) -> Path:
-    """Test error against parameters, MACs per image and wall time per run, one line per family."""
+def plot_efficiency(table: list[dict[str, Any]], path: PathLike, arms: Sequence[Arm]) -> Path:
+    """Test error against parameters, MACs per image and wall time per run, one line per arm
+    (over its depths), named by the arm's group."""
     fig, axes = _figure(3, width=4.6, height=4.0)
     for ax, key, label in zip(axes, ("params", "macs", "wall_time"),
                               ("parameters", "multiply-adds per image", "wall time per run (s), this machine")):
-        for family, style in _FAMILY_STYLE.items():
-            pts = sorted((t for t in table if t["family"] == family and t.get(key) and t.get("test_error") is not None),
+        for i, arm in enumerate(arms):
+            pts = sorted((t for t in _of_arm(table, arm) if t.get(key) and t.get("test_error") is not None),
                          key=itemgetter(key))
             if not pts:
                 continue
             xs = [t[key] for t in pts]
             ys, es = zip(*(_pct(t) for t in pts))
-            ax.errorbar(xs, ys, yerr=es, label=family, capsize=3, linewidth=1.5, **style)
+            ax.errorbar(xs, ys, yerr=es, label=arm.group, capsize=3, linewidth=1.5,
+                        **_ARM_STYLES[i % len(_ARM_STYLES)])
             for x, y, t in zip(xs, ys, pts):
                 ax.annotate(str(t["depth"]), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
         ax.set_xscale("log")
@@ -107,5 +113,86 @@ def plot_grad_norm_curves(rows: list[dict[str, Any]], order: Sequence[str], path
         ax.set_xlabel("training images seen (steps × batch)")
         ax.grid(True, alpha=0.3)
     ax_e.legend(fontsize=8)
+    fig.suptitle(title)
+    return _save(fig, path)
+
+
+def _of_arm(rows: list[dict[str, Any]], arm: Arm) -> list[dict[str, Any]]:
+    """The rows (or table entries) whose labels are the arm's (at any depth, if the arm has none)."""
+    return [r for r in rows if all(r.get(k) == v for k, v in arm.labels.items())]
+
+
+def plot_degradation_curves(rows: list[dict[str, Any]], path: PathLike, arms: Sequence[Arm],
+                            title: str = "Plain vs residual networks: training and validation error") -> Path:
+    """He et al. 2015, Fig. 6: error vs iterations, one panel per arm (titled by its ``about``),
+    one colour per depth; training error thin and dashed, validation error bold. Rows are the
+    study's results (``curve`` points of running training error, ``epochs`` with validation error)."""
+    depths = sorted({r["depth"] for r in rows})
+    fig, axes = _figure(ncols=len(arms), width=6.0, height=4.4)
+    top = 0.0
+    for ax, arm in zip(axes, arms):
+        for i, depth in enumerate(depths):
+            group = [r for r in _of_arm(rows, arm) if r["depth"] == depth]
+            if group:
+                top = max(top, _draw_degradation_group(ax, group, f"C{i % 10}"))
+        ax.set_title(arm.about)
+        ax.set_xlabel("iterations (optimiser steps)")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_ylabel("error (%)")
+        ax.grid(True, alpha=0.3)
+    for ax in axes:
+        ax.set_ylim(0, min(100.0, top * 1.05) if top else 100.0)
+    seeds = max(len({r["seed"] for r in _of_arm(rows, arm) if r["depth"] == d}) for arm in arms
+                for d in depths) if rows else 1
+    handles = [Line2D([], [], color=f"C{i % 10}", linewidth=2.5, label=f"{d} layers") for i, d in enumerate(depths)]
+    handles += [Line2D([], [], color="grey", linestyle="--", linewidth=0.8, label="training error (running)"),
+                Line2D([], [], color="grey", linewidth=2.5, label="validation error")]
+    if seeds > 1:
+        handles.append(Patch(color="grey", alpha=0.25, label=f"range over {seeds} seeds (line: mean)"))
+    # Below the panels: inside, it would cover the curves' ends, where the comparison is read.
+    fig.legend(handles=handles, loc="outside lower center", ncol=len(handles), fontsize=9, frameon=False)
+    fig.suptitle(title)
+    return _save(fig, path)
+
+
+def _draw_degradation_group(ax: Any, group: list[dict[str, Any]], colour: str) -> float:
+    """One net's seeds on one panel: running training error and validation error; returns the
+    highest error drawn (the y range must not clip any seed)."""
+    top = 0.0
+    # Seeds share the step grid (same recipe); a run cut short by a resume keeps its points.
+    n_curve = min(len(r["curve"]) for r in group)
+    if n_curve:
+        steps = [p["step"] for p in group[0]["curve"][:n_curve]]
+        errs = [[100 * p["train_error"] for p in r["curve"][:n_curve]] for r in group]
+        _band(ax, steps, errs, dict(color=colour, linestyle="--"), "", linewidth=0.8, alpha=0.8)
+        top = max(max(e) for e in errs)
+    vals = [[(e["step"], 100 * e["val_error"]) for e in r["epochs"] if e.get("val_error") == e.get("val_error")]
+            for r in group]
+    n_val = min(len(v) for v in vals)
+    if n_val:
+        _band(ax, [s for s, _ in vals[0][:n_val]], [[v for _, v in run[:n_val]] for run in vals],
+              dict(color=colour, linestyle="-"), "", linewidth=2.5, marker="o", markersize=4)
+        top = max(top, max(v for run in vals for _, v in run))
+    return top
+
+
+def plot_error_vs_depth(table: list[dict[str, Any]], path: PathLike, arms: Sequence[Arm],
+                        title: str = "Final error vs depth") -> Path:
+    """Final training and test error against depth, one line per arm (nets without shortcuts
+    dashed), with error bars of one standard deviation over seeds."""
+    fig, axes = _figure(ncols=2, width=5.5, height=4.2)
+    depths = sorted({t["depth"] for t in table})
+    for ax, (key, label) in zip(axes, (("train_error", "training error"), ("test_error", "test error"))):
+        for i, arm in enumerate(arms):
+            pts = sorted((t["depth"], 100 * t[key], 100 * t[key + "_std"]) for t in _of_arm(table, arm))
+            if pts:
+                d, m, s = zip(*pts)
+                ax.errorbar(d, m, yerr=s, label=arm.about, capsize=3, marker="o", **_style(i, arm.shortcuts))
+        ax.set_xticks(depths)  # ticks at the depths trained, not at depths that do not exist
+        ax.set_xlabel("depth (weighted layers)")
+        ax.set_ylabel(f"{label} (%)")
+        ax.set_title(label.capitalize())
+        ax.grid(True, alpha=0.3)
+        ax.legend()
     fig.suptitle(title)
     return _save(fig, path)

@@ -17,22 +17,28 @@ least half of plain-D's gap to ResNet-D: (plain − R) − ½ (plain − ResNet)
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Mapping, Optional
 
-from .spec import QUICK_CPU, SMOKE, RunSpec, StudyConfig, StudySpec, cifar_depth, register_study, run_config
+from .spec import QUICK_CPU, SMOKE, Arm, ArmOrder, StudyConfig, StudySpec, cifar_depth, register_study, run_config
 from .stats import Claim
 
-# net -> (model, model kwargs, run settings, what it is)
-NETS: dict[str, tuple[str, dict[str, Any], dict[str, Any], str]] = {
-    "plain": ("cifar_plain", {}, {}, "the plain net"),
-    "plain+small-batch": ("cifar_plain", {}, {"batch_size": 16}, "a smaller batch (16, same lr)"),
-    "plain+clip": ("cifar_plain", {}, {"grad_clip": 1.0}, "gradient clipping (global norm 1)"),
-    "plain+l2": ("cifar_plain", {}, {"weight_decay_factor": 10.0}, "a 10x stronger L2 weight penalty"),
-    "plain-no-bn": ("cifar_plain", {"norm_layer": "none"}, {}, "no batch norm (control)"),
-    "resnet": ("cifar_resnet", {}, {}, "the ResNet"),
-    "resnet+zero-init": ("cifar_resnet", {"zero_init_last": True}, {}, "zero-init of each branch's last BN (control)"),
-}
+# ``weight_decay_factor`` is relative: it multiplies the weight decay every other arm gets.
+ARMS = (
+    Arm("plain", "cifar_plain", labels={"net": "plain"}, about="the plain net", shortcuts=False),
+    Arm("plain+small-batch", "cifar_plain", settings={"batch_size": 16}, labels={"net": "plain+small-batch"},
+        about="a smaller batch (16, same lr)", shortcuts=False),
+    Arm("plain+clip", "cifar_plain", settings={"grad_clip": 1.0}, labels={"net": "plain+clip"},
+        about="gradient clipping (global norm 1)", shortcuts=False),
+    Arm("plain+l2", "cifar_plain", settings={"weight_decay_factor": 10.0}, labels={"net": "plain+l2"},
+        about="a 10x stronger L2 weight penalty", shortcuts=False),
+    Arm("plain-no-bn", "cifar_plain", {"norm_layer": "none"}, labels={"net": "plain-no-bn"},
+        about="no batch norm (control)", shortcuts=False),
+    Arm("resnet", "cifar_resnet", labels={"net": "resnet"}, about="the ResNet"),
+    Arm("resnet+zero-init", "cifar_resnet", {"zero_init_last": True}, labels={"net": "resnet+zero-init"},
+        about="zero-init of each branch's last BN (control)"),
+)
 REMEDIES = ("plain+small-batch", "plain+clip", "plain+l2")
 FRACTION = 0.5  # a remedy "removes" the degradation when it closes at least this share of the gap
 
@@ -52,7 +58,7 @@ def _depth(study: StudyConfig) -> int:
     return cifar_depth(study, 32)
 
 
-def _settings(net_settings: dict[str, Any], preset_weight_decay: float) -> dict[str, Any]:
+def _settings(net_settings: Mapping[str, Any], preset_weight_decay: float) -> dict[str, Any]:
     """A net's run settings, relative ones resolved against the preset's (the L2 factor)."""
     settings = dict(net_settings)
     factor = settings.pop("weight_decay_factor", None)
@@ -61,18 +67,11 @@ def _settings(net_settings: dict[str, Any], preset_weight_decay: float) -> dict[
     return settings
 
 
-def runs(study: StudyConfig) -> list[RunSpec]:
+def arms(study: StudyConfig) -> list[Arm]:
     depth = _depth(study)
     # The weight decay every other run gets (recipe < preset < --set), which the L2 remedy multiplies.
     weight_decay = run_config(study, SPEC, "plain", "cifar_plain", {"depth": depth}, 0).weight_decay
-    out = []
-    for seed in study.seeds:
-        for net, (model, kwargs, settings, _) in NETS.items():
-            group = group_name(net, depth)
-            name = f"{group}-seed{seed}"
-            cfg = run_config(study, SPEC, name, model, {"depth": depth, **kwargs}, seed, _settings(settings, weight_decay))
-            out.append(RunSpec(name, group, seed, {"net": net, "depth": depth}, cfg))
-    return out
+    return [replace(arm.at_depth(depth), settings=_settings(arm.settings, weight_decay)) for arm in ARMS]
 
 
 def claims(study: StudyConfig, table: Optional[list[dict[str, Any]]] = None) -> list[Claim]:
@@ -80,9 +79,10 @@ def claims(study: StudyConfig, table: Optional[list[dict[str, Any]]] = None) -> 
     plain, resnet = group_name("plain", d), group_name("resnet", d)
     out = [Claim("premise", f"The premise: plain-{d} ends with higher training error than ResNet-{d}",
                  ((plain, 1.0), (resnet, -1.0)), sign=1)]
+    about = {arm.group: arm.about for arm in ARMS}
     for net in REMEDIES:
         g = group_name(net, d)
-        out.append(Claim(f"{net}", f"{NETS[net][3][0].upper()}{NETS[net][3][1:]} removes the degradation of plain-{d}: "
+        out.append(Claim(f"{net}", f"{about[net][0].upper()}{about[net][1:]} removes the degradation of plain-{d}: "
                          f"it closes at least half of the gap to ResNet-{d}",
                          ((plain, 1 - FRACTION), (resnet, FRACTION), (g, -1.0)), sign=1,
                          label=f"({plain} − {g}) − {FRACTION:g}({plain} − {resnet})"))
@@ -132,12 +132,8 @@ def figures(rows: list[dict[str, Any]], table: list[dict[str, Any]], out: Path) 
     return made
 
 
-def _order(entry: dict[str, Any]) -> Any:
-    return list(NETS).index(entry["net"])
-
-
 SPEC = register_study(StudySpec(
     name="remedies", title="Remedies for the deep plain net: smaller batch, gradient clipping, L2 penalty",
     summary="the articles' fixes for vanishing/exploding gradients on plain-D, beside ResNet-D, with gradient norms",
-    presets=PRESETS, runs=runs, claims=claims, figures=figures, group_order=_order,
+    presets=PRESETS, arms=arms, claims=claims, figures=figures, group_order=ArmOrder(ARMS, "net"),
     label_columns=("net", "depth"), default_options={"depth": 32}, option_help={"depth": "the one depth of every net, 6n+2"}, setup_note="depth {depth}"))

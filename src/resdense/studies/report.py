@@ -20,9 +20,7 @@ from .._io import atomic_write_text
 from ..errors import ConfigError
 from ..outputs import check_new_file
 from .spec import METRICS, StudyConfig, StudySpec, get_study
-from .stats import CONFIDENCE, Verdict, decide_all, measure, summary_line
-
-DECISION_WORDS = {"reproduced": "reproduced", "not_reproduced": "NOT reproduced", "inconclusive": "inconclusive"}
+from .stats import CONFIDENCE, DECISION_WORDS, Verdict, decide_all, measure, summary_line
 
 
 def load_study(out: str | Path) -> tuple[StudySpec, StudyConfig]:

@@ -18,10 +18,12 @@ from pathlib import Path
 from typing import Any, Optional
 
 from .report import count_text
-from .spec import QUICK_CPU, SMOKE, RunSpec, StudyConfig, StudySpec, cifar_depth, register_study, run_config
+from .spec import QUICK_CPU, SMOKE, Arm, ArmOrder, StudyConfig, StudySpec, cifar_depth, register_study
 from .stats import Claim
 
-OPTIONS = ("none", "A", "B", "C")
+# One ResNet builder, four shortcut options: none (the plain twin), A, B, C.
+ARMS = (Arm("plain", "cifar_resnet", {"shortcut": "none"}, labels={"shortcut": "none"}, shortcuts=False),
+        *(Arm(f"resnet{x}", "cifar_resnet", {"shortcut": x}, labels={"shortcut": x}) for x in "ABC"))
 PRESETS: dict[str, dict[str, Any]] = {
     # At depth 56, four nets × three seeds cost about 1.5 times the degradation study's twelve runs.
     "quick": dict(QUICK_CPU),
@@ -35,22 +37,16 @@ FRACTION = 0.5  # claim 2: a projection buys less than this share of A's own gai
 
 
 def group_name(shortcut: str, depth: int) -> str:
-    return f"plain-{depth}" if shortcut == "none" else f"resnet{shortcut}-{depth}"
+    return next(a for a in ARMS if a.labels["shortcut"] == shortcut).at_depth(depth).group
 
 
 def _depth(study: StudyConfig) -> int:
     return cifar_depth(study, 56)
 
 
-def runs(study: StudyConfig) -> list[RunSpec]:
+def arms(study: StudyConfig) -> list[Arm]:
     depth = _depth(study)
-    out = []
-    for seed in study.seeds:
-        for shortcut in OPTIONS:
-            group = group_name(shortcut, depth)
-            cfg = run_config(study, SPEC, f"{group}-seed{seed}", "cifar_resnet", {"depth": depth, "shortcut": shortcut}, seed)
-            out.append(RunSpec(f"{group}-seed{seed}", group, seed, {"shortcut": shortcut, "depth": depth}, cfg))
-    return out
+    return [arm.at_depth(depth) for arm in ARMS]
 
 
 def claims(study: StudyConfig, table: Optional[list[dict[str, Any]]] = None) -> list[Claim]:
@@ -97,13 +93,9 @@ def figures(rows: list[dict[str, Any]], table: list[dict[str, Any]], out: Path) 
                               "shortcut options (after He et al. 2015, Table 3); grey: no shortcuts.")]
 
 
-def _order(entry: dict[str, Any]) -> Any:
-    return OPTIONS.index(entry["shortcut"])
-
-
 SPEC = register_study(StudySpec(
     name="shortcuts", title="Shortcut options: none, A (zero-padding), B (projection where shapes change), C (projection everywhere)",
     summary="plain vs shortcut options A/B/C at one depth: error and parameters (ResNet paper, Table 3)",
-    presets=PRESETS, runs=runs, claims=claims, figures=figures, group_order=_order,
+    presets=PRESETS, arms=arms, claims=claims, figures=figures, group_order=ArmOrder(ARMS, "shortcut"),
     label_columns=("shortcut", "depth"), default_options={"depth": 56}, option_help={"depth": "the one depth of every net, 6n+2"},
     setup_note="depth {depth}", extra_tables=extra_tables))

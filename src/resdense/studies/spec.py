@@ -1,16 +1,18 @@
-"""What a study is: its runs (model, settings, seed), the claims it tests, and its figures.
+"""What a study is: its arms (group -> model, settings, labels) times its seeds, the claims it
+tests, and its figures.
 
-A :class:`StudySpec` is data plus three functions of the :class:`StudyConfig`; the engine
-(:mod:`.engine`) trains the runs, and the report (:mod:`.report`) decides the claims from the
-runs' result rows. Specs register themselves in :data:`STUDIES` by name.
+A :class:`StudySpec` is data plus three functions of the :class:`StudyConfig`: its arms
+(:class:`Arm`), its claims and its figures. :func:`expand` makes the runs of every study from
+its arms and seeds; the engine (:mod:`.engine`) trains them, and the report (:mod:`.report`)
+decides the claims from the runs' result rows. Specs register themselves in :data:`STUDIES` by name.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 from ..errors import ConfigError
 from ..train.config import TrainConfig, apply_overrides
@@ -19,9 +21,6 @@ from .stats import Claim
 
 # Row fields every result row carries (besides the spec's own labels, e.g. kind and depth).
 METRICS = ("train_error", "running_train_error", "val_error", "test_error")
-METRIC_NAMES = {"train_error": "training error (final model, eval mode, training images)",
-                "running_train_error": "running training error of the last epoch (augmented, weights moving)",
-                "val_error": "validation error (final model)", "test_error": "test error (final model)"}
 
 
 # Every study's `quick` preset: for a 2-core CPU. Sized on the degradation study so that three
@@ -38,10 +37,13 @@ QUICK_CPU: Mapping[str, Any] = MappingProxyType(dict(
     weight_decay=1e-4, tta_flip=False, min_scale=1.0, train_subset=1000, val_size=500, test_subset=2000,
     eval_batch_size=100, curve_every=5))
 
-# The `smoke` presets: the quick recipe cut to seconds, to check a study end to end (tests, a
-# new machine); they decide nothing worth reading.
-SMOKE: Mapping[str, Any] = MappingProxyType(dict(epochs=2, train_subset=256, val_size=200, test_subset=400,
-                                                 eval_batch_size=200, curve_every=2))
+# Every study's `smoke` preset: the quick recipe cut to one step of 16 images (16 validation and 16
+# test images), to check a study end to end (tests, a new machine) in under a minute on 2 cores
+# with its default options and seeds. Its cost is the nets' forward passes (about 25 ms per image
+# for a 56-layer net on a loaded 2-core CPU) and each run's fixed start (data, model, checkpoint).
+# Its claims are decided as any preset's, on numbers that mean nothing: it decides nothing worth reading.
+SMOKE: Mapping[str, Any] = MappingProxyType(dict(epochs=1, batch_size=16, train_subset=16, val_size=16, test_subset=16,
+                                                 eval_batch_size=16, curve_every=1))
 
 
 @dataclass
@@ -78,12 +80,50 @@ class RunSpec:
 
 
 @dataclass(frozen=True)
+class Arm:
+    """One arm of a study: the group of runs that differ only in their seed.
+
+    ``group`` names the group and, unless ``name`` is given, its runs' folders
+    (``{name}-seed{n}``); ``model`` and ``model_kwargs`` build its net; ``settings`` are its own
+    :class:`TrainConfig` settings (over the preset's); ``labels`` are its columns in the result
+    rows. ``about`` says what it is in words (claims, figures); ``shortcuts`` is False for a net
+    without shortcut connections.
+    """
+
+    group: str
+    model: str
+    model_kwargs: Mapping[str, Any] = field(default_factory=dict)
+    settings: Mapping[str, Any] = field(default_factory=dict)
+    labels: Mapping[str, Any] = field(default_factory=dict)
+    name: str = ""
+    about: str = ""
+    shortcuts: bool = True
+
+    def at_depth(self, depth: int) -> "Arm":
+        """This arm at one depth: group ``{group}-{depth}``, ``depth`` first among its model
+        settings and last among its labels."""
+        return replace(self, group=f"{self.group}-{depth}", model_kwargs={"depth": depth, **self.model_kwargs},
+                       labels={**self.labels, "depth": depth})
+
+
+@dataclass(frozen=True)
+class ArmOrder:
+    """The sort key of a group table's entry: the position of its ``label`` among ``arms``, then its depth."""
+
+    arms: tuple[Arm, ...]
+    label: str
+
+    def __call__(self, entry: Mapping[str, Any]) -> tuple[int, int]:
+        return [a.labels[self.label] for a in self.arms].index(entry[self.label]), entry.get("depth", 0)
+
+
+@dataclass(frozen=True)
 class StudySpec:
     name: str
     title: str
     summary: str                                            # one line, for `resdense study list`
     presets: dict[str, dict[str, Any]]                      # preset -> TrainConfig settings (+ "recipe")
-    runs: Callable[[StudyConfig], list[RunSpec]]
+    arms: Callable[[StudyConfig], list[Arm]]
     # The claims, given the group table (mean ± std per group) once there are results: a claim
     # may name a group chosen by the results (efficiency: "the best ResNet"). Without a table
     # (``study list``) such a claim is described by its rule.
@@ -97,6 +137,10 @@ class StudySpec:
     # More tables for the report: (title, header, rows) from the study, its rows and group table.
     extra_tables: Optional[Callable[[StudyConfig, list[dict[str, Any]], list[dict[str, Any]]],
                                     list[tuple[str, list[str], list[list[str]]]]]] = None
+
+    def runs(self, study: StudyConfig) -> list[RunSpec]:
+        """Every run of the study: its arms times its seeds."""
+        return expand(study, self, self.arms(study))
 
 
 STUDIES: dict[str, StudySpec] = {}
@@ -132,6 +176,18 @@ def run_config(study: StudyConfig, spec: StudySpec, name: str, model: str, model
                    "on_divergence": "finish",
                    "out": str(Path(study.out) / name)})
     return apply_overrides(TrainConfig(), values, f"study {spec.name}, preset {study.preset}")
+
+
+def expand(study: StudyConfig, spec: StudySpec, arms: Sequence[Arm]) -> list[RunSpec]:
+    """Every (seed, arm), seed-major: each seed's arms finish together, so a study stopped early
+    still has complete seeds."""
+    out = []
+    for seed in study.seeds:
+        for arm in arms:
+            name = f"{arm.name or arm.group}-seed{seed}"
+            cfg = run_config(study, spec, name, arm.model, dict(arm.model_kwargs), seed, dict(arm.settings))
+            out.append(RunSpec(name, arm.group, seed, dict(arm.labels), cfg))
+    return out
 
 
 def cifar_depth(study: StudyConfig, default: int) -> int:

@@ -27,7 +27,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Mapping, Optional, Sequence
 
 CONFIDENCE = 0.90  # two-sided: a one-sided 5% test in each direction
-DECISIONS = ("reproduced", "not_reproduced", "inconclusive")
+# A decision (Verdict.decision) in words; the summary line writes them in capitals.
+DECISION_WORDS = {"reproduced": "reproduced", "not_reproduced": "NOT reproduced", "inconclusive": "inconclusive"}
 
 # Quantiles t_{0.95, df} of Student's t; between table rows the lower df is used, which widens
 # the interval (conservative).
@@ -201,6 +202,6 @@ def summary_line(v: Verdict) -> str:
     if v.difference is None:
         return f"{v.contrast}: no data yet — {v.decision}"
     unc = f" ± {v.stderr:.2f}" if v.stderr is not None else ""
-    word = {"reproduced": "REPRODUCED", "not_reproduced": "NOT REPRODUCED", "inconclusive": "INCONCLUSIVE"}[v.decision]
+    word = DECISION_WORDS[v.decision].upper()
     return (f"{v.contrast} = {v.difference:+.2f}{unc} points ({v.n_seeds} seed{'s' if v.n_seeds != 1 else ''}; "
             f"predicted {v.predicted}): {word} — {v.reason}")
