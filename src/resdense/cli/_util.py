@@ -22,6 +22,17 @@ def parse_size(text: str) -> tuple[int, int, int]:
     return c, h, w
 
 
+def positive_int(text: str) -> int:
+    """An argparse type for counts and sizes: a whole number >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number, e.g. 4; got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1; got {value}")
+    return value
+
+
 def int_list(text: str) -> list[int]:
     """'0,1,2' -> [0, 1, 2]: an argparse type for lists of distinct integers (seeds, depths)."""
     try:

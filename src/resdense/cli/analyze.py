@@ -12,6 +12,7 @@ import torch
 
 from ..errors import ConfigError
 from ..outputs import ANY_KIND, OUTPUT, claim
+from ._util import positive_int
 
 
 def register(sub: Any) -> None:
@@ -20,8 +21,8 @@ def register(sub: Any) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--study", metavar="STUDY_DIR", help="every run of a degradation study")
     src.add_argument("--checkpoint", action="append", metavar="RUN_DIR", help="a trained run (repeatable)")
-    p.add_argument("--batches", type=int, default=4, help="batches of real data to average over")
-    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--batches", type=positive_int, default=4, help="batches of real data to average over")
+    p.add_argument("--batch-size", type=positive_int, default=128)
     p.add_argument("--data-dir")
     p.add_argument("--out", help="where to write PNG + JSON (default: STUDY_DIR/analysis or the first run's)")
     p.set_defaults(func=cmd_analyze)

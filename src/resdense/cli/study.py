@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from ._util import int_list, parse_overrides
+from ._util import int_list, parse_overrides, positive_int
 
 
 def _option_type(default: Any) -> Any:
@@ -33,7 +33,7 @@ def register(sub: Any) -> None:
                            help=f"{spec.option_help.get(name, '')} (default "
                                 f"{','.join(map(str, default)) if isinstance(default, list) else default})".lstrip())
         s.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a training setting of every run")
-        s.add_argument("--jobs", type=int, default=1, metavar="N",
+        s.add_argument("--jobs", type=positive_int, default=1, metavar="N",
                        help="train N runs at once (CPU threads divided among them; one run per GPU where there are several)")
         s.add_argument("--out", required=True, metavar="STUDY_DIR")
         s.set_defaults(func=cmd_study, spec=spec.name)

@@ -434,9 +434,23 @@ def _check_labels(s: ImageSet, num_classes: int, where: str) -> None:
 # --- the entry point -------------------------------------------------------------------------
 
 
+def _check_data_dir(data_dir: str | os.PathLike | None, download: bool) -> None:
+    """A --data-dir that is a file, or missing without --download, is a mistake: looking past it
+    in the other search folders would train on data the user did not point at."""
+    if data_dir is None:
+        return
+    path = Path(data_dir).expanduser()
+    if path.exists() and not path.is_dir():
+        raise DataError(f"--data-dir {data_dir} is a file, not a folder; give the folder that holds the dataset's files")
+    if not path.exists() and not download:
+        raise DataError(f"--data-dir {data_dir} does not exist; give the folder that holds the dataset's files "
+                        "(or add --download to fetch them there)")
+
+
 def _resolve(name: str, data_dir: str | os.PathLike | None, download: bool,
              opts: ReadOptions) -> tuple[str, RawDataset, int | float]:
     """(canonical name, raw data, default validation size) for a dataset name or folder."""
+    _check_data_dir(data_dir, download)
     key = str(name).strip()
     canonical = _NAMES.get(key.lower())
     if canonical is not None:
@@ -458,6 +472,7 @@ def _resolve(name: str, data_dir: str | os.PathLike | None, download: bool,
 def check_available(name: str, data_dir: str | os.PathLike | None = None, *, download: bool = False) -> None:
     """Refuse, in one line, a dataset that cannot be found, reading no image: the check a command
     makes before it writes anything (a study's folder)."""
+    _check_data_dir(data_dir, download)
     key = str(name).strip()
     canonical = _NAMES.get(key.lower())
     if canonical is not None:

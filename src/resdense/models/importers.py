@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import pickle
 import re
+import warnings
 import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -90,7 +91,7 @@ def read_checkpoint(path: str | Path) -> Any:
         except (OSError, SafetensorError, ValueError) as e:
             raise CheckpointError(f"{path} is not a readable safetensors file ({_first_line(e)})") from None
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return weights_only_load(path)
     except pickle.UnpicklingError as e:
         found = re.search(r"GLOBAL ([\w.]+)", str(e))
         what = f" ({found.group(1)})" if found else ""
@@ -99,6 +100,19 @@ def read_checkpoint(path: str | Path) -> Any:
             "(torch.save(model.state_dict(), ...)) or convert them to safetensors") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
         raise CheckpointError(f"{path} is corrupt or not a PyTorch file ({_first_line(e)})") from None
+
+
+def weights_only_load(path: str | Path) -> Any:
+    """``torch.load(weights_only=True)`` onto the CPU. PyTorch warns about the pickle protocol of a
+    file it may be about to refuse; the caller tells the user in its own words, so that warning is
+    dropped; any other warning of a load that succeeded is passed on."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
+    for w in caught:
+        if not str(w.message).startswith("Detected pickle protocol"):
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return loaded
 
 
 def _first_line(e: BaseException) -> str:

@@ -26,6 +26,7 @@ from ..errors import ConfigError, WriteError
 from ..limits import bound_jobs
 from ..outputs import RUN, STUDY, claim
 from ..runlock import RunLock, owner
+from ..train.config import validate
 from .spec import RunSpec, StudyConfig, StudySpec, get_study
 
 Log = Callable[[str], None]
@@ -241,6 +242,8 @@ def run_study(study: StudyConfig, jobs: int = 1, log: Log = print) -> dict[str, 
     if jobs < 1:
         raise ConfigError(f"--jobs must be positive; got {jobs}")
     runs = spec.runs(study)  # a bad preset or option fails here, before anything is written
+    for run in runs:
+        validate(run.config)  # a bad --set value too (lr=nan), before the study's folder exists
     check_models(runs)
     check_available(study.data, study.data_dir)
     out = claim(study.out, STUDY)

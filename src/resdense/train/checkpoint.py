@@ -25,7 +25,6 @@ import pickle
 import shutil
 import struct
 import tempfile
-import warnings
 import zipfile
 from pathlib import Path
 from typing import Any, Optional
@@ -37,7 +36,7 @@ from safetensors.torch import load_file, save_file
 
 from .._io import fsync_dir, write_failure
 from ..errors import CheckpointError
-from ..models.importers import strip_prefixes
+from ..models.importers import strip_prefixes, weights_only_load
 
 MODEL_FILE, STATE_FILE, META_FILE = "model.safetensors", "state.pt", "meta.json"
 
@@ -197,11 +196,7 @@ def read_weights(ckpt: Path) -> dict[str, torch.Tensor]:
 def read_state(ckpt: Path) -> dict[str, Any]:
     """The training state, loaded with ``weights_only=True``: a file that needs pickled code is refused."""
     try:
-        # PyTorch warns about the pickle protocol of a file it is about to refuse; the user is told
-        # once, in resdense's words, below. Only warnings raised inside this load are caught.
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            state = torch.load(ckpt / STATE_FILE, map_location="cpu", weights_only=True)
+        state = weights_only_load(ckpt / STATE_FILE)
     except pickle.UnpicklingError:
         raise CheckpointError(f"{ckpt / STATE_FILE} needs pickled code to load; resdense refuses to run it") from None
     except (OSError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError, KeyError, IndexError, TypeError,
@@ -209,9 +204,6 @@ def read_state(ckpt: Path) -> dict[str, Any]:
         # Damaged bytes reach many corners of the zip reader and the weights-only unpickler (a
         # key or index they expect, a short struct, bad UTF-8): all of them mean a damaged file.
         raise CheckpointError(f"{ckpt / STATE_FILE} is corrupt or unreadable ({_first_line(e)})") from None
-    for w in caught:  # a load that succeeded: its warnings are the caller's to see
-        if not str(w.message).startswith("Detected pickle protocol"):
-            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     return state
 
 
