@@ -148,11 +148,13 @@ def resolve_checkpoint(path: str | Path, prefer: str = "best") -> Path:
     """A checkpoint directory from a run directory (its ``best``, else ``last``) or a
     checkpoint directory itself."""
     path = Path(path)
-    if (path / MODEL_FILE).is_file():
-        return path
+    # A run's links first: `export` writes RUN/model.safetensors beside them, which does not make
+    # the run folder a checkpoint.
     for name in (prefer, "last", "best"):
         if (path / name / MODEL_FILE).is_file():
             return (path / name).resolve()
+    if (path / MODEL_FILE).is_file():
+        return path
     if not path.exists():
         raise CheckpointError(f"no such checkpoint or run directory: {path}")
     raise CheckpointError(f"{path} holds no checkpoint ({MODEL_FILE} not found in it, its best/ or last/)")
