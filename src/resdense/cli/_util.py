@@ -52,14 +52,14 @@ _NON_FINITE = {"nan": math.nan, "inf": math.inf, "+inf": math.inf, "-inf": -math
                "infinity": math.inf, "-infinity": -math.inf}
 
 
-def parse_overrides(items: list[str] | None, flag: str = "--arg") -> dict[str, Any]:
+def parse_overrides(items: list[str] | None, flag: str = "--arg", example: str = "depth=110") -> dict[str, Any]:
     """['depth=110', 'shortcut=B'] -> {'depth': 110, 'shortcut': 'B'} (values as Python literals
-    where they parse as one, strings otherwise). ``flag`` names the option in messages."""
+    where they parse as one, strings otherwise). ``flag`` and ``example`` are for the messages."""
     out: dict[str, Any] = {}
     for item in items or []:
         key, sep, value = item.partition("=")
         if not sep or not key.isidentifier():
-            raise UserError(f"{flag} must look like key=value (e.g. {flag} depth=110); got {item!r}")
+            raise UserError(f"{flag} must look like key=value (e.g. {flag} {example}); got {item!r}")
         if value.strip().lower() in _NON_FINITE:
             out[key] = _NON_FINITE[value.strip().lower()]
             continue

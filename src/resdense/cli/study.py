@@ -71,7 +71,7 @@ def cmd_study(args: argparse.Namespace) -> int:
     spec = get_study(args.spec)
     options = {name: getattr(args, name) for name in spec.default_options}
     study = StudyConfig(study=spec.name, data=args.data, data_dir=args.data_dir, seeds=args.seeds, preset=args.preset,
-                        out=args.out, options=options, overrides=parse_overrides(args.set, "--set"))
+                        out=args.out, options=options, overrides=parse_overrides(args.set, "--set", "lr=0.05"))
     result = run_study(study, jobs=args.jobs)
     if result["report"] is not None:
         _print_summary(result["report"], args.out)

@@ -130,7 +130,7 @@ def config_from_args(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
             flags[name] = getattr(args, name)
     if getattr(args, "arg", None):
         flags["model_kwargs"] = {**file_values.get("model_kwargs", {}), **parse_overrides(args.arg)}
-    flags.update(parse_overrides(getattr(args, "set", None), "--set"))
+    flags.update(parse_overrides(getattr(args, "set", None), "--set", "lr=0.05"))
     if flags.get("epochs") is not None:
         flags.setdefault("iterations", None)  # an explicit length replaces the recipe's
     if flags.get("iterations") is not None:
