@@ -1,0 +1,91 @@
+"""The training run's pieces: the engine's typed settings and results, the saved shape of a
+mid-epoch position, a context that leaves its config alone, and a command line generated from
+TrainConfig."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from resdense.models import create_model
+from resdense.train.config import TrainConfig, apply_overrides
+from resdense.train.engine import CurveInterval, EpochProgress, EpochSettings, EpochStats, TrainState, train_one_epoch
+from resdense.train.state import EpochPosition, RunState
+
+# A mid-epoch position exactly as resdense 0.2 wrote it into state.pt (interval: a positional list).
+OLD_POSITION = {"epoch": 1, "batch": 3, "epoch_seed": 12345,
+                "progress": {"batch": 3, "loss_sum": 401.5, "wrong": 170, "seen": 192, "train_time": 1.25,
+                             "interval": [120.25, 51, 64]},
+                "epoch_time": 1.5, "wall_time": 9.75}
+
+
+def test_an_old_mid_epoch_position_reads_into_named_fields_and_saves_in_its_old_shape():
+    position = EpochPosition.from_dict(copy.deepcopy(OLD_POSITION))
+    assert position.progress.interval == CurveInterval(loss_sum=120.25, wrong=51, seen=64)
+    assert position.progress.batch == 3 and position.epoch_seed == 12345
+    assert position.to_dict() == OLD_POSITION
+
+
+def test_a_run_state_from_an_old_state_file_continues_on_the_saved_clock():
+    saved = {"step": 11, "epoch": 1, "warmup_done": True, "best_val_error": 0.5, "curve": [{"step": 10}],
+             "metrics": [{"epoch": 1, "wall_time": 4.0}], "position": copy.deepcopy(OLD_POSITION)}
+    state = RunState.from_saved(saved, wall_start=0.0)
+    assert (state.step, state.epoch, state.best_val, state.wall_offset) == (11, 1, 0.5, 9.75)
+    assert state.position is not None and state.position.batch == 3 and state.curve == [{"step": 10}]
+    del saved["position"]
+    assert RunState.from_saved(saved, wall_start=0.0).wall_offset == 4.0
+
+
+def _batches(n: int = 3) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(0)
+    return [(torch.randn(8, 1, 12, 12, generator=g), torch.randint(0, 10, (8,), generator=g)) for _ in range(n)]
+
+
+def _one_epoch(**kwargs) -> tuple[EpochStats, torch.Tensor]:
+    torch.manual_seed(0)
+    model = create_model("cifar_resnet", depth=8, in_chans=1, num_classes=10)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    stats = train_one_epoch(model, _batches(), opt, lambda step: 0.1, TrainState(), **kwargs)
+    return stats, torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+def test_train_one_epoch_takes_typed_settings_or_their_fields_and_returns_typed_stats():
+    cpu = torch.device("cpu")
+    typed, weights = _one_epoch(settings=EpochSettings(cpu, label_smoothing=0.1), curve=[])
+    keywords, same = _one_epoch(device=cpu, label_smoothing=0.1, curve=[])
+    assert torch.equal(weights, same)
+    assert isinstance(typed, EpochStats) and typed.steps == 3 and not typed.stopped
+    assert typed.train_loss == keywords.train_loss and typed.progress.batch == 3 and typed.progress.seen == 24
+    with pytest.raises(TypeError, match="not both"):
+        _one_epoch(settings=EpochSettings(cpu), device=cpu)
+
+
+def test_an_epoch_trained_in_pieces_ends_where_the_whole_one_does():
+    cpu = torch.device("cpu")
+    whole, whole_weights = _one_epoch(device=cpu, curve_every=2, curve=[])
+    torch.manual_seed(0)
+    model = create_model("cifar_resnet", depth=8, in_chans=1, num_classes=10)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    state, curve, batches = TrainState(), [], _batches()
+    settings = EpochSettings(cpu, curve_every=2)
+    first = train_one_epoch(model, batches, opt, lambda step: 0.1, state, settings, curve=curve,
+                            should_stop=lambda: True)
+    assert first.stopped and first.progress.batch == 1 and first.progress.interval.seen == 8
+    rest = train_one_epoch(model, batches[1:], opt, lambda step: 0.1, state, settings, curve=curve,
+                           progress=EpochProgress.from_dict(first.progress.to_dict()))
+    assert torch.equal(whole_weights, torch.cat([p.detach().flatten() for p in model.parameters()]))
+    assert rest.progress.batch == 3 and rest.train_loss == pytest.approx(whole.train_loss, rel=1e-12)
+
+
+def test_build_context_leaves_the_callers_config_as_it_was(tmp_path):
+    from resdense.train.context import build_context
+
+    cfg = apply_overrides(TrainConfig(), dict(model="cifar_resnet", model_kwargs={"depth": 8}, data="synthetic",
+                                              epochs=1, batch_size=64, train_subset=128, progress=False,
+                                              precision="fp32", out=str(tmp_path / "run")), "test")
+    before = copy.deepcopy(cfg)
+    ctx = build_context(cfg)
+    assert cfg == before and cfg.model_kwargs == {"depth": 8}
+    assert ctx.cfg is not cfg and ctx.cfg.model_kwargs["num_classes"] == 10 and ctx.cfg.model_kwargs["depth"] == 8
