@@ -4,6 +4,7 @@ TrainConfig."""
 
 from __future__ import annotations
 
+import argparse
 import copy
 
 import pytest
@@ -89,3 +90,62 @@ def test_build_context_leaves_the_callers_config_as_it_was(tmp_path):
     ctx = build_context(cfg)
     assert cfg == before and cfg.model_kwargs == {"depth": 8}
     assert ctx.cfg is not cfg and ctx.cfg.model_kwargs["num_classes"] == 10 and ctx.cfg.model_kwargs["depth"] == 8
+
+
+# --- one source for every setting: TrainConfig's fields make `resdense train`'s flags -----------
+
+def _train_parser():
+    from resdense.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return parser, sub.choices["train"]
+
+
+def test_every_setting_has_help_and_is_a_flag_or_listed_as_set_only():
+    from resdense.train.config import FIELDS, flag_of, help_of
+
+    _, train = _train_parser()
+    dests = {a.dest: a for a in train._actions}
+    epilog = train.epilog.splitlines()
+    for name in FIELDS:
+        assert help_of(name).strip(), f"{name} has no help line"
+        if flag_of(name) is not None:
+            assert name in dests and dests[name].help, f"{name} has a flag spec but no flag"
+        else:
+            assert any(line.split()[:1] == [name] and help_of(name) in line for line in epilog), \
+                f"{name} is neither a flag nor listed under --set in --help"
+
+
+# A value for each flag, and what the config holds after it.
+_SAMPLES = {"model_kwargs": (["-a", "depth=8"], {"depth": 8}), "recipe": (["--recipe", "finetune"], "finetune"),
+            "epochs": (["--epochs", "3"], 3), "iterations": (["--iterations", "7"], 7)}
+
+
+def _sample(name, flag, kind):
+    from resdense.cli.train import _flag_names
+
+    if name in _SAMPLES:
+        return _SAMPLES[name]
+    option = _flag_names(name, flag)[0]
+    if kind is bool:
+        return [option], flag.switch != "off"
+    if flag.choices:
+        return [option, flag.choices[-1]], flag.choices[-1]
+    return {int: ([option, "3"], 3), float: ([option, "0.5"], 0.5)}.get(kind, ([option, "x1"], "x1"))
+
+
+def test_every_flag_reaches_its_setting():
+    from resdense.cli.train import config_from_args
+    from resdense.train.config import FIELDS, flag_of, value_type
+
+    parser, _ = _train_parser()
+    for name in FIELDS:
+        flag = flag_of(name)
+        if flag is None or name == "out":
+            continue
+        argv, expected = _sample(name, flag, value_type(name))
+        cfg, flags = config_from_args(parser.parse_args(["train", "--out", "x", *argv]))
+        assert getattr(cfg, name) == expected and name in flags, f"{' '.join(argv)} did not set {name}"
+    cfg, _ = config_from_args(parser.parse_args(["train", "--out", "somewhere"]))
+    assert cfg.out == "somewhere"

@@ -164,7 +164,7 @@ class Trainer:
         if result.stats is None:
             result.diverged = state.diverged
             return result
-        result.val = self._validate(result)
+        result.val = self._validate(result.stats, result.started)
         return result
 
     def end_epoch(self, epoch: EpochResult) -> None:
@@ -224,7 +224,7 @@ class Trainer:
                 raise self.stop.stopped(self.run_dir, f"at step {state.step} (epoch {state.epoch + 1}, batch "
                                         f"{progress.batch} of {self.steps_per_epoch})", point)
 
-    def _validate(self, epoch: EpochResult) -> dict[str, Any]:
+    def _validate(self, stats: EpochStats, started: float) -> dict[str, Any]:
         """Validation loss and error (empty without a validation split); a signal during it
         checkpoints the trained epoch, and the resumed run validates it."""
         ctx, stop = self.ctx, self.stop
@@ -233,9 +233,10 @@ class Trainer:
         try:
             return evaluate(ctx.model, ctx.val_loader, device=ctx.device, amp_dtype=ctx.amp_dtype,
                             should_stop=stop.requested if stop else None)
-        except StopRequested:
-            point = self._save_inside_epoch(epoch.stats.progress, epoch.started)  # type: ignore[union-attr]
-            raise stop.stopped(self.run_dir, f"while validating epoch {self.state.epoch + 1}", point) from None  # type: ignore[union-attr]
+        except StopRequested:  # asked only with a stop flag
+            point = self._save_inside_epoch(stats.progress, started)
+            where = f"while validating epoch {self.state.epoch + 1}"
+            raise stop.stopped(self.run_dir, where, point) from None  # type: ignore[union-attr]
 
     def _should_stop(self) -> bool:
         """What the engine asks after each step: a stop signal, or a checkpoint due (``checkpoint_every``)."""
