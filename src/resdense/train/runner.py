@@ -138,19 +138,7 @@ class Trainer:
             log(f"nothing to resume in {run_dir}; starting a new run")
         if point is None and cfg.init_from is not None:  # a resumed fine-tune continues from its own weights
             log(finetune.initialise(self.ctx.model, cfg, self.ctx.splits.classes))
-        if is_main_process():
-            atomic_write_text(run_dir / "config.json", json.dumps(cfg.to_dict(), indent=2))
-        self.events = EventLog.open(run_dir, cfg.tensorboard, is_main_process())
-        if self.events is not None:
-            self.events.skip_curve(len(self.state.curve))
-        if self.schedule.note:
-            log(self.schedule.note)
-        ctx = self.ctx
-        log(f"training {cfg.model} on {ctx.splits.name}: {ctx.train_loader.num_samples} images, "
-            f"{self.total_epochs} epochs ({ctx.total_steps} steps of {cfg.batch_size}), {ctx.device}, "
-            f"{'bf16' if ctx.amp_dtype else 'fp32'}, out {run_dir}")
-        if cfg.record_gradients and self.state.epoch == 0 and is_main_process():
-            record_gradients(ctx, run_dir, 0, events=self.events)
+        self._begin()
 
     def run_epoch(self) -> EpochResult:
         """Train the next epoch (a resumed one from where its checkpoint was taken) and validate it."""
@@ -197,6 +185,23 @@ class Trainer:
                                     diverged=self.state.diverged, step=self.state.step)
         except StopRequested:
             raise self.stop.stopped(self.run_dir, "during the final evaluation", None) from None  # type: ignore[union-attr]
+
+    def _begin(self) -> None:
+        """Write config.json, open the event log, say what is trained (and record the gradients
+        at initialisation)."""
+        ctx, cfg, run_dir = self.ctx, self.cfg, self.run_dir
+        if is_main_process():
+            atomic_write_text(run_dir / "config.json", json.dumps(cfg.to_dict(), indent=2))
+        self.events = EventLog.open(run_dir, cfg.tensorboard, is_main_process())
+        if self.events is not None:
+            self.events.skip_curve(len(self.state.curve))
+        if self.schedule.note:
+            log(self.schedule.note)
+        log(f"training {cfg.model} on {ctx.splits.name}: {ctx.train_loader.num_samples} images, "
+            f"{self.total_epochs} epochs ({ctx.total_steps} steps of {cfg.batch_size}), {ctx.device}, "
+            f"{'bf16' if ctx.amp_dtype else 'fp32'}, out {run_dir}")
+        if cfg.record_gradients and self.state.epoch == 0 and is_main_process():
+            record_gradients(ctx, run_dir, 0, events=self.events)
 
     def _train(self, epoch: EpochResult, progress: EpochProgress, bar: Any) -> Optional[EpochStats]:
         """Train the epoch from ``progress``, in pieces where it stops inside for a checkpoint (a
