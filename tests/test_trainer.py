@@ -149,3 +149,42 @@ def test_every_flag_reaches_its_setting():
         assert getattr(cfg, name) == expected and name in flags, f"{' '.join(argv)} did not set {name}"
     cfg, _ = config_from_args(parser.parse_args(["train", "--out", "somewhere"]))
     assert cfg.out == "somewhere"
+
+
+# --- the Trainer: one run's state apart from its machinery ---------------------------------------
+
+def _tiny(out, seed):
+    return apply_overrides(TrainConfig(), dict(model="cifar_resnet", model_kwargs={"depth": 8}, data="synthetic",
+                                               epochs=2, batch_size=64, train_subset=256, eval_batch_size=256,
+                                               progress=False, precision="fp32", threads=1, seed=seed,
+                                               tensorboard=False, out=str(out)), "test")
+
+
+def test_two_trainers_stepped_in_turn_in_one_process_end_as_two_separate_runs(tmp_path):
+    from resdense.train import checkpoint as ckpt
+    from resdense.train.context import build_context
+    from resdense.train.rundir import prepare_run_dir
+    from resdense.train.runner import EpochResult, Trainer, train
+
+    for seed in (0, 1):
+        train(_tiny(tmp_path / f"alone{seed}", seed))
+    trainers, locks = [], []
+    for seed in (0, 1):  # both built before either trains: each run's state is its own
+        run_dir, lock = prepare_run_dir(_tiny(tmp_path / f"turns{seed}", seed), resume=False, overwrite=False)
+        locks.append(lock)
+        trainers.append(Trainer(build_context(_tiny(run_dir, seed)), run_dir))
+        trainers[-1].restore(resume=False)
+    try:
+        while any(t.training for t in trainers):
+            for trainer in trainers:
+                epoch = trainer.run_epoch()
+                assert isinstance(epoch, EpochResult) and epoch.diverged is None and epoch.stats is not None
+                trainer.end_epoch(epoch)
+        for trainer in trainers:
+            trainer.finish()
+    finally:
+        for lock in locks:
+            lock.release()
+    for seed in (0, 1):
+        alone, turns = (ckpt.read_weights(tmp_path / f"{kind}{seed}" / "last") for kind in ("alone", "turns"))
+        assert all(torch.equal(alone[k], turns[k]) for k in alone)

@@ -70,10 +70,8 @@ class EpochProgress:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "EpochProgress":
-        """Read :meth:`to_dict`'s shape (``interval`` a list, or a mapping of its fields)."""
-        interval = d["interval"]
-        window = CurveInterval(**interval) if isinstance(interval, dict) else CurveInterval(*interval)
-        return cls(**{**d, "interval": window})
+        """Read :meth:`to_dict`'s shape."""
+        return cls(**{**d, "interval": CurveInterval(*d["interval"])})
 
 
 @dataclass
