@@ -48,11 +48,12 @@ from .state import EpochPosition, RunState, checkpoint_meta, load_checkpoint, sa
 from .stop import StopFlag, StopNow
 from .tensorboard import EventLog
 
-# Where callers found these before the run's pieces had modules of their own.
+# The run's own names, and those callers imported from here before the run's pieces had modules
+# of their own (context, rundir, state, final): they still can.
 __all__ = ["METRIC_FIELDS", "EpochResult", "RunContext", "Trainer", "build_context", "build_optimizer",
            "final_evaluation", "is_main_process", "log", "model_depth", "prepare_run_dir", "record_gradients",
            "resolve_resume_config", "seed_everything", "train", "train_seeds"]
-_restore = load_checkpoint
+_restore = load_checkpoint  # the name it had here
 
 METRIC_FIELDS = ["epoch", "step", "lr", "train_loss", "train_error", "val_loss", "val_error", "images_per_s",
                  "train_size", "epoch_time", "wall_time"]
