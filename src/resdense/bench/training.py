@@ -11,7 +11,7 @@ differ only in what surrounds it:
 * ``resdense``: what ``resdense train`` does: :class:`resdense.data.TensorLoader` (batched
   augmentation on the device), model and batches channels-last, the precision
   ``resolve_precision("auto", device)`` gives (fp32 on CPUs without native bf16), the optimizer
-  of :func:`resdense.train.runner.build_optimizer`;
+  of :func:`resdense.train.context.build_optimizer`;
 * ``resdense+compile``: the same with ``torch.compile(model)``. The first step (which compiles
   forward and backward) is reported as ``compile_s`` and is not part of the rate.
 
@@ -37,8 +37,8 @@ from ..hardware import precision_name, resolve_device, resolve_precision
 from ..analysis.complexity import model_info
 from ..models import create_model
 from ..train.config import TrainConfig
+from ..train.context import build_optimizer
 from ..train.engine import TrainState, train_one_epoch
-from ..train.runner import build_optimizer
 from ..train.schedule import Schedule
 from ._common import BenchOptions, Row, format_table, median, say, sync, with_threads, write_rows
 from .peak import TRAIN_FLOPS_PER_MAC, add_share_of_peak, peaks

@@ -86,7 +86,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     from ..analysis.reuse import feature_reuse
     from ..models import DenseNet
     from ..train.checkpoint import build_model_from_meta, load_for_inference
-    from ..train.runner import model_depth
+    from ..train.context import model_depth
 
     runs = _runs(args)
     loaded = [(run, *load_for_inference(run, prefer="last")) for run in runs]

@@ -8,15 +8,9 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError, DataError
+from ..train.config import FIELDS, Flag, default_of, flag_of, help_of, value_type
 from ..train.recipes import SHORT_RUN_DEFAULTS
 from ._util import int_list, parse_overrides
-
-# Flag -> TrainConfig field, for flags whose value goes straight into the config.
-_FLAG_FIELDS = ("model", "data", "data_dir", "recipe", "epochs", "iterations", "batch_size", "lr", "seed",
-                "train_subset", "precision", "device", "threads", "out", "val_size", "weight_decay", "checkpoint_every",
-                "init_from", "backbone_lr_factor", "image_size", "bad_images")
-_BOOL_FIELDS = ("download", "compile", "deterministic", "augment", "progress", "record_gradients", "sync_bn",
-                "freeze_backbone", "tensorboard")
 
 
 def _positive_int(text: str) -> int:
@@ -39,65 +33,76 @@ def _positive_float(text: str) -> float:
     return value
 
 
+_NUMBERS = {int: (int, _positive_int), float: (float, _positive_float)}
+
+
+def _flag_names(name: str, flag: Flag) -> tuple[str, ...]:
+    if flag.names:
+        return flag.names
+    dashed = name.replace("_", "-")
+    return (f"--no-{dashed}",) if flag.switch == "off" else (f"--{dashed}",)
+
+
+def _flag_options(name: str, flag: Flag) -> dict[str, Any]:
+    """add_argument's keywords for setting ``name``: its type, form and help. A flag not given is
+    None, so that only what the user typed overrides the recipe and the config file."""
+    options: dict[str, Any] = {"dest": name, "default": None, "help": help_of(name).replace("%", "%%")}
+    if flag.help:
+        options["help"] = flag.help.replace("%", "%%")
+    kind = value_type(name)
+    if flag.pairs:
+        options.update(action="append")
+    elif kind is bool:
+        options["action"] = {"on": "store_true", "off": "store_false", "both": argparse.BooleanOptionalAction}[flag.switch]
+    elif kind in _NUMBERS:
+        options["type"] = _NUMBERS[kind][flag.positive]
+    for key in ("choices", "metavar", "required"):
+        if getattr(flag, key):
+            options[key] = getattr(flag, key)
+    return options
+
+
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
-    """The flags shared by `train` and the studies built on it."""
-    p.add_argument("--model", help="registered model name (see `resdense list`); default resnet20")
-    p.add_argument("--data", help="fashion-mnist, mnist, cifar10, cifar100, synthetic, or a folder of images")
-    p.add_argument("--data-dir", help="where the dataset files are (else $RESDENSE_DATA, system paths, the cache)")
-    p.add_argument("--download", action="store_true", default=None, help="download the dataset if it is missing")
-    p.add_argument("--recipe", help="resnet-cifar-paper, densenet-cifar-paper, finetune or quick (default)")
-    length = p.add_mutually_exclusive_group()
-    length.add_argument("--epochs", type=_positive_int)
-    length.add_argument("--iterations", type=_positive_int)
-    p.add_argument("--batch-size", type=_positive_int)
-    p.add_argument("--lr", type=_positive_float)
-    p.add_argument("--weight-decay", type=float)
-    p.add_argument("--train-subset", type=_positive_int, metavar="N", help="train on a fixed seeded subset of N images")
-    p.add_argument("--val-size", type=int, metavar="N", help="images held out of training for validation")
-    p.add_argument("--precision", choices=("auto", "bf16", "fp32"),
-                   help="auto: bf16 where the hardware runs it natively (CUDA, AMX/AVX512-BF16 CPUs), else fp32")
-    p.add_argument("--device", help="auto (default), cpu, cuda, cuda:N")
-    p.add_argument("--threads", type=_positive_int, help="CPU threads for PyTorch")
-    p.add_argument("--compile", action="store_true", default=None, help="torch.compile the model (opt-in)")
-    p.add_argument("--deterministic", action="store_true", default=None, help="deterministic algorithms only")
-    p.add_argument("--no-augment", dest="augment", action="store_false", default=None, help="no pad-crop / flip")
-    p.add_argument("--no-progress", dest="progress", action="store_false", default=None, help="no progress bar")
-    p.add_argument("--checkpoint-every", type=_positive_int, metavar="N",
-                   help="also write a checkpoint every N steps inside an epoch (long epochs; resume continues there)")
-    p.add_argument("--record-gradients", action="store_true", default=None,
-                   help="store per-layer gradient norms and their figure every epoch")
-    p.add_argument("--tensorboard", action=argparse.BooleanOptionalAction, default=None,
-                   help="TensorBoard event files in RUN_DIR/tensorboard (default: when the package is installed)")
-    folders = p.add_argument_group("image folders")
-    folders.add_argument("--image-size", type=_positive_int, metavar="PX",
-                         help="resize every image to PX x PX once (e.g. 224 for ImageNet weights); default: the "
-                              "folder's most common size")
-    folders.add_argument("--bad-images", choices=("error", "skip"),
-                         help="an image Pillow cannot decode: stop with its name (default) or skip it with a warning")
-    tune = p.add_argument_group("fine-tuning")
-    tune.add_argument("--init-from", metavar="RUN_DIR|FILE",
-                      help="start from these weights (a run, `resdense import`'s output, or a .pth/.safetensors file "
-                           "with --model); a new classifier when the number of classes differs")
-    tune.add_argument("--freeze-backbone", action="store_true", default=None, help="train the classifier only")
-    tune.add_argument("--backbone-lr-factor", type=float, metavar="F",
-                      help="the backbone learns at F times the classifier's lr (e.g. 0.1)")
+    """A flag for every TrainConfig setting that has one (see :func:`resdense.train.config.setting`),
+    then --config and --set."""
+    sections: dict[str, Any] = {}
+    exclusive: dict[str, Any] = {}
+    for name in FIELDS:
+        flag = flag_of(name)
+        if flag is None:
+            continue
+        where = p
+        if flag.group:
+            if flag.group not in sections:
+                sections[flag.group] = p.add_argument_group(flag.group)
+            where = sections[flag.group]
+        if flag.exclusive:
+            if flag.exclusive not in exclusive:
+                exclusive[flag.exclusive] = where.add_mutually_exclusive_group()
+            where = exclusive[flag.exclusive]
+        where.add_argument(*_flag_names(name, flag), **_flag_options(name, flag))
     p.add_argument("--config", help="YAML or JSON file of settings (below flags, above the recipe)")
-    p.add_argument("--arg", "-a", action="append", metavar="KEY=VALUE", help="model builder argument, e.g. -a shortcut=B")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="any config setting, e.g. --set label_smoothing=0.1")
 
 
+def settings_without_flags() -> str:
+    """--help's closing lines: the settings given only with --set (or a config file), each with its help."""
+    names = [name for name in FIELDS if flag_of(name) is None]
+    width = max(map(len, names))
+    lines = [f"  {name:<{width}}  {help_of(name)}; default {default_of(name)!r}" for name in names]
+    header = "settings without a flag (--set KEY=VALUE, or a --config file; defaults before the recipe's):"
+    return "\n".join([header, *lines])
+
+
 def register(sub: Any) -> None:
-    p = sub.add_parser("train", help="train a model (see --recipe)")
+    p = sub.add_parser("train", help="train a model (see --recipe)", epilog=settings_without_flags(),
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     add_train_arguments(p)
-    p.add_argument("--seed", type=int)
     p.add_argument("--seeds", type=int_list, help="several runs, e.g. 0,1,2: OUT/seed<N> each, mean ± std")
-    p.add_argument("--out", required=True, metavar="RUN_DIR")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--resume", action="store_true", help="continue the run in RUN_DIR exactly where it stopped")
     mode.add_argument("--overwrite", action="store_true", help="replace the run in RUN_DIR")
     p.add_argument("--nproc", type=_positive_int, help="train with N processes (DistributedDataParallel)")
-    p.add_argument("--sync-bn", action="store_true", default=None,
-                   help="with several CUDA processes: batch norm over the global batch (default: per process)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="test error and confusion matrix of a trained model")
@@ -124,12 +129,13 @@ def config_from_args(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
     from ..train.recipes import recipe
 
     file_values = load_config_file(args.config) if getattr(args, "config", None) else {}
-    flags: dict[str, Any] = {f: getattr(args, f) for f in _FLAG_FIELDS if getattr(args, f, None) is not None}
-    for name in _BOOL_FIELDS:
-        if getattr(args, name, None) is not None:
-            flags[name] = getattr(args, name)
-    if getattr(args, "arg", None):
-        flags["model_kwargs"] = {**file_values.get("model_kwargs", {}), **parse_overrides(args.arg)}
+    flags: dict[str, Any] = {}
+    for name in FIELDS:
+        value = getattr(args, name, None) if flag_of(name) is not None else None
+        if value is not None:
+            flags[name] = value
+    if "model_kwargs" in flags:  # -a KEY=VALUE pairs join the config file's
+        flags["model_kwargs"] = {**file_values.get("model_kwargs", {}), **parse_overrides(flags["model_kwargs"])}
     flags.update(parse_overrides(getattr(args, "set", None), "--set", "lr=0.05"))
     if flags.get("epochs") is not None:
         flags.setdefault("iterations", None)  # an explicit length replaces the recipe's

@@ -13,7 +13,7 @@ then are unreferenced checkpoints deleted. A crash at any moment leaves the prev
 checkpoint loadable; a write the disk refuses (full, read-only) removes its temporary directory
 and raises :class:`~resdense.errors.WriteError`. A checkpoint taken inside an epoch (a stop
 signal, ``checkpoint_every``) is ``RUN/checkpoints/step-NNNNNNN``; its state holds the loader
-position (see ``runner``).
+position (see ``state``).
 """
 
 from __future__ import annotations

@@ -17,82 +17,138 @@ from ..errors import ConfigError
 from ..limits import check_config_size, check_config_tree
 
 
+@dataclass(frozen=True)
+class Flag:
+    """How a setting appears on ``resdense train``'s command line (see :func:`setting`)."""
+
+    names: tuple[str, ...] = ()      # option strings; default --NAME (booleans switched off: --no-NAME)
+    help: Optional[str] = None       # the flag's help where it reads otherwise than the setting's
+    positive: bool = False           # numbers: refuse zero and below when parsing
+    choices: tuple[str, ...] = ()
+    metavar: Optional[str] = None
+    group: Optional[str] = None      # a titled section of --help
+    switch: str = "on"               # booleans: "on" (--NAME), "off" (--no-NAME) or "both"
+    exclusive: Optional[str] = None  # flags with the same word here cannot be given together
+    required: bool = False
+    pairs: bool = False              # repeatable KEY=VALUE pairs (a mapping such as model_kwargs)
+
+
+def setting(default: Any = dataclasses.MISSING, help: str = "", flag: Optional[Flag] = None, *,
+            factory: Any = dataclasses.MISSING) -> Any:
+    """A :class:`TrainConfig` field: its default (or ``factory``), its help line, and its
+    command-line ``flag``; without one it is set with ``--set NAME=VALUE`` or a config file (every
+    field is, flag or not)."""
+    return field(default=default, default_factory=factory, metadata={"help": help, "flag": flag})
+
+
+IMAGE_FOLDERS, FINE_TUNING = "image folders", "fine-tuning"
+
+
 @dataclass
 class TrainConfig:
     # what to train
-    model: str = "resnet20"
-    model_kwargs: dict[str, Any] = field(default_factory=dict)
-    data: str = "fashion-mnist"
-    data_dir: Optional[str] = None
-    download: bool = False
-    val_size: Optional[int] = None          # None: the dataset's default hold-out (55k/5k, 45k/5k ...)
-    train_subset: Optional[int] = None      # train on a fixed, seeded subset of this many images
-    image_size: Optional[int] = None        # image folders: resize every image to this square size once
-    bad_images: str = "error"               # image folders: error | skip files Pillow cannot decode
+    model: str = setting("resnet20", "registered model name (see `resdense list`); default resnet20", Flag())
+    model_kwargs: dict[str, Any] = setting(
+        help="the model builder's arguments beyond the name's (depth, shortcut ...)", factory=dict,
+        flag=Flag(names=("--arg", "-a"), pairs=True, metavar="KEY=VALUE",
+                  help="model builder argument, e.g. -a shortcut=B"))
+    data: str = setting("fashion-mnist", "fashion-mnist, mnist, cifar10, cifar100, synthetic, or a folder of images",
+                        Flag())
+    data_dir: Optional[str] = setting(
+        None, "where the dataset files are (else $RESDENSE_DATA, system paths, the cache)", Flag())
+    download: bool = setting(False, "download the dataset if it is missing", Flag())
+    val_size: Optional[int] = setting(
+        None, "images held out of training for validation (default: the dataset's own hold-out, 55k/5k, 45k/5k ...)",
+        Flag(metavar="N"))
+    train_subset: Optional[int] = setting(None, "train on a fixed seeded subset of N images",
+                                          Flag(positive=True, metavar="N"))
+    image_size: Optional[int] = setting(
+        None, "resize every image to PX x PX once (e.g. 224 for ImageNet weights); default: the folder's most "
+              "common size", Flag(positive=True, metavar="PX", group=IMAGE_FOLDERS))
+    bad_images: str = setting(
+        "error", "an image Pillow cannot decode: stop with its name (default) or skip it with a warning",
+        Flag(choices=("error", "skip"), group=IMAGE_FOLDERS))
     # how long
-    recipe: str = "quick"
-    epochs: Optional[int] = None
-    iterations: Optional[int] = None        # overrides epochs; the run stops mid-epoch at this step
-    batch_size: int = 128
+    recipe: str = setting("quick", "resnet-cifar-paper, densenet-cifar-paper, finetune or quick (default)", Flag())
+    epochs: Optional[int] = setting(None, "training length in epochs (default: the recipe's)",
+                                    Flag(positive=True, exclusive="length"))
+    iterations: Optional[int] = setting(None, "training length in steps, instead of epochs: the run stops at this "
+                                              "step, inside an epoch if need be", Flag(positive=True, exclusive="length"))
+    batch_size: int = setting(128, "images per step (over all processes)", Flag(positive=True))
     # optimiser
-    lr: float = 0.1
-    momentum: float = 0.9
-    nesterov: bool = False
-    weight_decay: float = 1e-4
-    decay_norm_and_bias: bool = True        # the papers decay every parameter
-    label_smoothing: float = 0.0
-    grad_clip: Optional[float] = None       # clip the gradient's global L2 norm to this before each step
+    lr: float = setting(0.1, "peak learning rate", Flag(positive=True))
+    momentum: float = setting(0.9, "SGD momentum, in [0, 1)")
+    nesterov: bool = setting(False, "Nesterov momentum")
+    weight_decay: float = setting(1e-4, "L2 weight decay", Flag())
+    decay_norm_and_bias: bool = setting(True, "decay batch-norm and bias parameters too (the papers decay every "
+                                              "parameter)")
+    label_smoothing: float = setting(0.0, "label smoothing of the training loss, in [0, 1)")
+    grad_clip: Optional[float] = setting(None, "clip the gradient's global L2 norm to this before each step")
     # learning-rate schedule (a pure function of the step; see schedule.py)
-    schedule: str = "step"                  # step | cosine | onecycle
-    milestones: list[float] = field(default_factory=list)  # >= 1: iterations; < 1: fractions of the run
-    gamma: float = 0.1
-    warmup: float = 0.0                     # linear warm-up: iterations (>= 1) or fraction of the run
-    warmup_lr: Optional[float] = None       # constant lr until training error < warmup_until_error ...
-    warmup_until_error: Optional[float] = None
-    warmup_min_depth: int = 0               # ... applied only to models at least this deep (ResNet-110)
+    schedule: str = setting("step", "learning-rate schedule: step, cosine or onecycle")
+    milestones: list[float] = setting(help="step schedule: where the lr is multiplied by gamma (>= 1: iterations; "
+                                           "< 1: fractions of the run)", factory=list)
+    gamma: float = setting(0.1, "step schedule: the factor at each milestone")
+    warmup: float = setting(0.0, "linear warm-up: iterations (>= 1) or a fraction of the run (< 1)")
+    warmup_lr: Optional[float] = setting(None, "a constant lr until the training error is below warmup_until_error "
+                                               "(ResNet-110's warm-up)")
+    warmup_until_error: Optional[float] = setting(None, "the running training error that ends the warmup_lr warm-up")
+    warmup_min_depth: int = setting(0, "warmup_lr applies only to models at least this deep")
     # short runs (see schedule.adapt_short_run): 0 keeps the recipe exactly; `resdense train` sets
     # them when the recipe's lr, warm-up and length are left alone
-    short_run_steps: int = 0                # below this many steps: warm-up floor, lr scaled down
-    min_steps: int = 0                      # epochs (not iterations) extended to at least this many steps
+    short_run_steps: int = setting(0, "runs of fewer steps get a warm-up floor and a lower peak lr (0: the recipe "
+                                      "exactly)")
+    min_steps: int = setting(0, "a length in epochs is extended to at least this many steps (0: as given)")
     # fine-tuning (see finetune.py)
-    init_from: Optional[str] = None         # a run directory or a weights file to start from
-    freeze_backbone: bool = False           # train the classifier only
-    backbone_lr_factor: float = 1.0         # the backbone's lr is this times the classifier's
+    init_from: Optional[str] = setting(
+        None, "start from these weights (a run, `resdense import`'s output, or a .pth/.safetensors file with --model); "
+              "a new classifier when the number of classes differs", Flag(metavar="RUN_DIR|FILE", group=FINE_TUNING))
+    freeze_backbone: bool = setting(False, "train the classifier only", Flag(group=FINE_TUNING))
+    backbone_lr_factor: float = setting(1.0, "the backbone learns at F times the classifier's lr (e.g. 0.1)",
+                                        Flag(metavar="F", group=FINE_TUNING))
     # data augmentation and regularisation
-    augment: bool = True
-    pad: int = 4
-    flip: float = 0.5
-    drop_rate: Optional[float] = None
-    drop_rate_without_augment: Optional[float] = None  # DenseNet: 0.2 when augmentation is off
-    tta_flip: bool = False                  # evaluate on the image and its mirror (averaged softmax)
+    augment: bool = setting(True, "pad-crop and flip the training images", Flag(switch="off", help="no pad-crop / flip"))
+    pad: int = setting(4, "pixels of zero padding around an image before its random crop")
+    flip: float = setting(0.5, "probability of a horizontal flip")
+    drop_rate: Optional[float] = setting(None, "dropout rate given to the model builder (default: the model's)")
+    drop_rate_without_augment: Optional[float] = setting(None, "dropout when augmentation is off (DenseNet: 0.2)")
+    tta_flip: bool = setting(False, "evaluate on the image and its mirror (averaged softmax)")
     # progressive resizing: training images start at min_scale x their size and grow linearly to
     # full size over the first resize_ramp of the epochs, in multiples of resize_step pixels
-    min_scale: float = 1.0
-    resize_ramp: float = 0.75
-    resize_step: int = 4
+    min_scale: float = setting(1.0, "progressive resizing: the first epoch's images at this fraction of their size")
+    resize_ramp: float = setting(0.75, "progressive resizing: the fraction of the epochs over which images grow "
+                                       "to full size")
+    resize_step: int = setting(4, "progressive resizing: image sizes in multiples of this many pixels")
     # machine
-    device: str = "auto"
-    precision: str = "auto"                 # auto (bf16 where the hardware has it) | bf16 | fp32
-    channels_last: bool = True
-    compile: bool = False
-    deterministic: bool = False
-    threads: Optional[int] = None
-    sync_bn: bool = False                   # several processes: one BN over the global batch (CUDA)
+    device: str = setting("auto", "auto (default), cpu, cuda, cuda:N", Flag())
+    precision: str = setting("auto", "auto: bf16 where the hardware runs it natively (CUDA, AMX/AVX512-BF16 CPUs), "
+                                     "else fp32", Flag(choices=("auto", "bf16", "fp32")))
+    channels_last: bool = setting(True, "channels-last memory format for the model and its inputs")
+    compile: bool = setting(False, "torch.compile the model (opt-in)", Flag())
+    deterministic: bool = setting(False, "deterministic algorithms only", Flag())
+    threads: Optional[int] = setting(None, "CPU threads for PyTorch", Flag(positive=True))
+    sync_bn: bool = setting(False, "with several CUDA processes: batch norm over the global batch (default: per "
+                                   "process)", Flag())
     # bookkeeping
-    seed: int = 0
-    out: Optional[str] = None
-    eval_batch_size: int = 1000
-    curve_every: int = 50                   # steps between points of the training curve (curve.jsonl)
-    checkpoint_every: Optional[int] = None  # also checkpoint every N steps inside an epoch (long epochs)
-    eval_train: bool = False                # after training: eval-mode error on the training images
-    test_subset: Optional[int] = None       # final test on a fixed seeded subset of this many test images
-    record_gradients: bool = False
+    seed: int = setting(0, "the run's seed: initialisation, data order, augmentation, training subset", Flag())
+    out: Optional[str] = setting(None, "the run directory: checkpoints, metrics, summary",
+                                 Flag(metavar="RUN_DIR", required=True))
+    eval_batch_size: int = setting(1000, "images per batch in evaluation")
+    curve_every: int = setting(50, "steps between points of the training curve (curve.jsonl)")
+    checkpoint_every: Optional[int] = setting(
+        None, "also write a checkpoint every N steps inside an epoch (long epochs; resume continues there)",
+        Flag(positive=True, metavar="N"))
+    eval_train: bool = setting(False, "after training: the eval-mode error on the training images")
+    test_subset: Optional[int] = setting(None, "the final test on a fixed seeded subset of this many test images")
+    record_gradients: bool = setting(False, "store per-layer gradient norms and their figure every epoch", Flag())
     # What a non-finite loss does: "stop" the run with an error (the last good checkpoint is kept),
     # or "finish" it there and evaluate the weights as they are (studies: a net that cannot be
     # trained at the recipe's lr is a result, e.g. a deep plain net without batch norm).
-    on_divergence: str = "stop"
-    progress: bool = True
-    tensorboard: bool = True                # event files in RUN/tensorboard/ when the package is installed
+    on_divergence: str = setting("stop", "a non-finite loss: stop with an error (the last good checkpoint kept) or "
+                                         "finish the run there and evaluate its weights as they are")
+    progress: bool = setting(True, "a progress bar per epoch on a terminal", Flag(switch="off", help="no progress bar"))
+    tensorboard: bool = setting(True, "TensorBoard event files in RUN_DIR/tensorboard (default: when the package is "
+                                      "installed)", Flag(switch="both"))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -100,6 +156,30 @@ class TrainConfig:
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 _HINTS = typing.get_type_hints(TrainConfig)
+
+
+def help_of(name: str) -> str:
+    """The help line of setting ``name``."""
+    return FIELDS[name].metadata.get("help", "")
+
+
+def flag_of(name: str) -> Optional[Flag]:
+    """Setting ``name``'s command-line flag; None for a setting given with --set or a config file only."""
+    return FIELDS[name].metadata.get("flag")
+
+
+def default_of(name: str) -> Any:
+    """Setting ``name``'s default value."""
+    f = FIELDS[name]
+    return f.default_factory() if f.default is dataclasses.MISSING else f.default
+
+
+def value_type(name: str) -> Any:
+    """The type of setting ``name``'s values (int for Optional[int], list for list[float] ...)."""
+    hint = _HINTS[name]
+    if typing.get_origin(hint) in (Union, types.UnionType):
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))
+    return typing.get_origin(hint) or hint
 
 
 def _check_type(name: str, value: Any) -> Any:

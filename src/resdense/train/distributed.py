@@ -20,6 +20,17 @@ from ..errors import ConfigError
 from ..hardware import resolve_device
 
 
+def is_main_process() -> bool:
+    """Rank 0, or the only process: the one that writes and prints."""
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def log(msg: str) -> None:
+    """Print ``msg`` (flushed) from the main process only."""
+    if is_main_process():
+        print(msg, flush=True)
+
+
 @contextlib.contextmanager
 def maybe_init_distributed(cfg: Any) -> Iterator[dict[str, Any]]:
     """Join the process group when launched by torchrun; yields ``rank``, ``world_size``, ``device``."""

@@ -1,11 +1,17 @@
-"""One epoch of training and one pass of evaluation, as plain functions returning dicts."""
+"""One epoch of training and one pass of evaluation.
+
+:func:`train_one_epoch` steps a model over a loader with fixed :class:`EpochSettings` and returns
+:class:`EpochStats`; how far an epoch has got is an :class:`EpochProgress`, saved inside a
+mid-epoch checkpoint. :func:`evaluate` returns loss and error as a dict.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Optional
 
 import torch
@@ -30,6 +36,20 @@ class StopRequested(Exception):
 
 
 @dataclass
+class CurveInterval:
+    """The training curve's running sums since its last point."""
+
+    loss_sum: float = 0.0  # sum over images of the training loss
+    wrong: int = 0
+    seen: int = 0
+
+    def add(self, loss: float, wrong: int, n: int) -> None:
+        self.loss_sum += loss * n
+        self.wrong += wrong
+        self.seen += n
+
+
+@dataclass
 class EpochProgress:
     """How far an epoch has got: its batches trained so far and the running sums of its metrics
     row. Saved in a checkpoint taken inside an epoch, so the resumed epoch's row is the one the
@@ -40,14 +60,18 @@ class EpochProgress:
     wrong: int = 0
     seen: int = 0
     train_time: float = 0.0
-    interval: list = field(default_factory=lambda: [0.0, 0, 0])  # loss sum, wrong, seen since the last curve point
+    interval: CurveInterval = field(default_factory=CurveInterval)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The saved shape (``state.pt`` since 0.2): ``interval`` as [loss sum, wrong, seen]."""
+        d = dataclasses.asdict(self)
+        d["interval"] = [self.interval.loss_sum, self.interval.wrong, self.interval.seen]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "EpochProgress":
-        return cls(**d)
+        """Read :meth:`to_dict`'s shape."""
+        return cls(**{**d, "interval": CurveInterval(*d["interval"])})
 
 
 @dataclass
@@ -57,6 +81,62 @@ class TrainState:
     step: int = 0
     epoch: int = 0
     warmup_done: bool = True  # False while the error-triggered warm-up holds the lr
+
+
+@dataclass(frozen=True)
+class EpochSettings:
+    """How every step of a run is taken: fixed for the run."""
+
+    device: torch.device
+    amp_dtype: Optional[torch.dtype] = None
+    label_smoothing: float = 0.0
+    max_steps: Optional[int] = None              # stop when ``state.step`` reaches it
+    warmup_lr: Optional[float] = None            # the lr while ``state.warmup_done`` is False ...
+    warmup_until_error: Optional[float] = None   # ... until the running training error is below this
+    curve_every: int = 50                        # steps between points of the training curve
+    grad_clip: Optional[float] = None            # clip the gradient's global L2 norm to this
+
+
+@dataclass
+class EpochStats:
+    """What one call of :func:`train_one_epoch` measured (the epoch so far, when resumed inside)."""
+
+    train_loss: float
+    train_error: float
+    images_per_s: float
+    steps: int                # steps of this call
+    train_time: float         # seconds of the epoch's training so far
+    stopped: bool             # ``should_stop`` ended the call before the loader's end
+    progress: EpochProgress   # where to resume the epoch from
+
+
+class _Tally:
+    """An epoch's running sums, kept on the device (no synchronisation per step)."""
+
+    def __init__(self, begun: EpochProgress, device: torch.device) -> None:
+        self.begun = begun
+        self.loss_sum = torch.tensor(begun.loss_sum, device=device, dtype=torch.float64)
+        self.wrong = torch.tensor(begun.wrong, device=device, dtype=torch.int64)
+        self.seen, self.steps = begun.seen, 0
+        self.interval = dataclasses.replace(begun.interval)
+        self.started = time.perf_counter()
+
+    def add(self, loss: torch.Tensor, batch_wrong: torch.Tensor, n: int) -> None:
+        self.loss_sum += loss.detach().double() * n
+        self.wrong += batch_wrong
+        self.seen += n
+        self.steps += 1
+
+    def error(self) -> float:
+        return self.wrong.item() / self.seen
+
+    def stats(self, stopped: bool) -> EpochStats:
+        elapsed = self.begun.train_time + time.perf_counter() - self.started
+        reached = EpochProgress(self.begun.batch + self.steps, self.loss_sum.item(), int(self.wrong.item()),
+                                self.seen, elapsed, self.interval)
+        seen = max(self.seen, 1)
+        return EpochStats(reached.loss_sum / seen, reached.wrong / seen,
+                          self.seen / elapsed if elapsed > 0 else math.nan, self.steps, elapsed, stopped, reached)
 
 
 def autocast(device: torch.device, dtype: Optional[torch.dtype]) -> contextlib.AbstractContextManager:
@@ -71,107 +151,89 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
         group["lr"] = lr * group.get("lr_scale", 1.0)
 
 
-def train_one_epoch(
-    model: nn.Module,
-    loader: Iterable[tuple[torch.Tensor, torch.Tensor]],
-    optimizer: torch.optim.Optimizer,
-    schedule: Callable[[int], float],
-    state: TrainState,
-    *,
-    device: torch.device,
-    amp_dtype: Optional[torch.dtype] = None,
-    label_smoothing: float = 0.0,
-    max_steps: Optional[int] = None,
-    warmup_lr: Optional[float] = None,
-    warmup_until_error: Optional[float] = None,
-    progress: Optional[Any] = None,
-    grad_hook: Optional[Callable[[nn.Module, int], None]] = None,
-    curve: Optional[list[dict[str, float]]] = None,
-    curve_every: int = 50,
-    grad_clip: Optional[float] = None,
-    start: Optional[EpochProgress] = None,
-    should_stop: Optional[Callable[[], bool]] = None,
-) -> dict[str, Any]:
-    """Train over ``loader`` once (or until ``state.step`` reaches ``max_steps``).
+def train_one_epoch(model: nn.Module, loader: Iterable[tuple[torch.Tensor, torch.Tensor]],
+                    optimizer: torch.optim.Optimizer, schedule: Callable[[int], float], state: TrainState,
+                    settings: Optional[EpochSettings] = None, *, curve: Optional[list[dict[str, Any]]] = None,
+                    progress: Optional[EpochProgress] = None, should_stop: Optional[Callable[[], bool]] = None,
+                    bar: Optional[Any] = None, **options: Any) -> EpochStats:
+    """Train over ``loader`` once (or until ``state.step`` reaches ``settings.max_steps``).
 
-    The learning rate of step ``s`` is ``schedule(s)``, or ``warmup_lr`` while
-    ``state.warmup_done`` is False; the warm-up ends after the first step whose running
-    training error is below ``warmup_until_error``. With ``curve``, appends the training loss
-    and error of every ``curve_every`` steps (the fine-grained curves of the papers' figures) and
-    the global L2 norm of that step's gradient (before clipping). ``grad_clip`` clips that norm.
+    ``settings`` (or its fields as keywords, ``options``) say how each step is taken. The
+    learning rate of step ``s`` is ``schedule(s)``, or ``settings.warmup_lr`` while
+    ``state.warmup_done`` is False; the warm-up ends after the first step whose running training
+    error is below ``settings.warmup_until_error``. With ``curve``, appends the training loss and
+    error of every ``curve_every`` steps (the fine-grained curves of the papers' figures) and the
+    global L2 norm of that step's gradient (before clipping).
 
-    ``start``: the progress of an epoch resumed inside it (the loader already skips its trained
+    ``progress``: the progress of an epoch resumed inside it (the loader already skips its trained
     batches). ``should_stop`` is asked after every step; when it says so the epoch ends there.
-    Returns loss, error, images/s, steps (of this call), time, ``stopped`` and ``progress``
-    (an :class:`EpochProgress` to resume from).
+    ``bar``: a tqdm bar to advance, or None.
     """
+    if settings is None:
+        settings = EpochSettings(**options)
+    elif options:
+        raise TypeError(f"give settings or their fields, not both ({', '.join(options)})")
     model.train()
-    begun = start or EpochProgress()
-    loss_sum = torch.tensor(begun.loss_sum, device=device, dtype=torch.float64)
-    wrong = torch.tensor(begun.wrong, device=device, dtype=torch.int64)
-    seen, steps, stopped = begun.seen, 0, False
-    interval = list(begun.interval)
-    start_time = time.perf_counter()
+    tally = _Tally(progress or EpochProgress(), settings.device)
     for x, y in loader:
-        if max_steps is not None and state.step >= max_steps:
+        if settings.max_steps is not None and state.step >= settings.max_steps:
             break
-        lr = warmup_lr if (not state.warmup_done and warmup_lr is not None) else schedule(state.step)
-        set_lr(optimizer, lr)
-        with autocast(device, amp_dtype):
-            logits = model(x)
-            loss = F.cross_entropy(logits, y, label_smoothing=label_smoothing)
-        if not torch.isfinite(loss):
-            raise NonFiniteLossError(loss.item(), state.step, lr)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if grad_hook is not None:
-            grad_hook(model, state.step)
-        at_curve_point = curve is not None and (state.step + 1) % curve_every == 0
-        grad_norm = None
-        if grad_clip is not None:
-            grad_norm = nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-        elif at_curve_point:
-            # One norm every curve_every steps: cheap next to the step, and what the remedies
-            # study draws (vanishing or exploding gradients over training).
-            grads = [p.grad for p in model.parameters() if p.grad is not None]
-            grad_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
-        optimizer.step()
-        n = y.shape[0]
+        lr = settings.warmup_lr if (not state.warmup_done and settings.warmup_lr is not None) else schedule(state.step)
+        at_curve_point = curve is not None and (state.step + 1) % settings.curve_every == 0
+        loss, logits, grad_norm = _step(model, optimizer, x, y, lr, state.step, settings, at_curve_point)
         batch_wrong = (logits.detach().argmax(1) != y).sum()
-        loss_sum += loss.detach().double() * n
-        wrong += batch_wrong
-        seen += n
-        steps += 1
+        tally.add(loss, batch_wrong, y.shape[0])
         state.step += 1
         if curve is not None:
-            interval[0] += loss.item() * n
-            interval[1] += int(batch_wrong)
-            interval[2] += n
-            if state.step % curve_every == 0:
-                curve.append({"step": state.step, "train_loss": interval[0] / interval[2],
-                              "train_error": interval[1] / interval[2], "lr": lr,
-                              "grad_norm": float(grad_norm) if grad_norm is not None else None})
-                interval = [0.0, 0, 0]
-        if not state.warmup_done and warmup_until_error is not None and wrong.item() / seen < warmup_until_error:
+            _extend_curve(curve, tally.interval, settings.curve_every, state.step, lr, loss, batch_wrong,
+                          y.shape[0], grad_norm)
+        if not state.warmup_done and settings.warmup_until_error is not None and tally.error() < settings.warmup_until_error:
             state.warmup_done = True
-        if progress is not None:
-            progress.update(1)
-            if steps % 10 == 0:
-                progress.set_postfix(loss=f"{loss_sum.item() / seen:.3f}", acc=f"{1 - wrong.item() / seen:.3f}", lr=f"{lr:.3g}")
+        if bar is not None:
+            bar.update(1)
+            if tally.steps % 10 == 0:
+                bar.set_postfix(loss=f"{tally.loss_sum.item() / tally.seen:.3f}", acc=f"{1 - tally.error():.3f}",
+                                lr=f"{lr:.3g}")
         if should_stop is not None and should_stop():
-            stopped = True
-            break
-    elapsed = begun.train_time + time.perf_counter() - start_time
-    reached = EpochProgress(begun.batch + steps, loss_sum.item(), int(wrong.item()), seen, elapsed, interval)
-    return {
-        "train_loss": reached.loss_sum / max(seen, 1),
-        "train_error": reached.wrong / max(seen, 1),
-        "images_per_s": seen / elapsed if elapsed > 0 else math.nan,
-        "steps": steps,
-        "train_time": elapsed,
-        "stopped": stopped,
-        "progress": reached,
-    }
+            return tally.stats(stopped=True)
+    return tally.stats(stopped=False)
+
+
+def _step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, lr: float,
+          step: int, settings: EpochSettings, measure_norm: bool) -> tuple[torch.Tensor, torch.Tensor, Any]:
+    """One optimiser step of ``model`` on the batch ``(x, y)`` at ``lr``; returns the loss, the
+    logits and the gradient's global norm before clipping (None where neither clipped nor measured).
+    The loss is checked before its backward pass, so a non-finite one leaves the weights as they were."""
+    set_lr(optimizer, lr)
+    with autocast(settings.device, settings.amp_dtype):
+        logits = model(x)
+        loss = F.cross_entropy(logits, y, label_smoothing=settings.label_smoothing)
+    if not torch.isfinite(loss):
+        raise NonFiniteLossError(loss.item(), step, lr)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = None
+    if settings.grad_clip is not None:
+        grad_norm = nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
+    elif measure_norm:
+        # One norm every curve_every steps: cheap next to the step, and what the remedies
+        # study draws (vanishing or exploding gradients over training).
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        grad_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+    optimizer.step()
+    return loss, logits, grad_norm
+
+
+def _extend_curve(curve: list[dict[str, Any]], interval: CurveInterval, every: int, step: int, lr: float,
+                  loss: torch.Tensor, batch_wrong: torch.Tensor, n: int, grad_norm: Any) -> None:
+    """Add the step to the curve's running sums; at every ``every``-th step, append a point and
+    start the sums again."""
+    interval.add(loss.item(), int(batch_wrong), n)
+    if step % every == 0:
+        curve.append({"step": step, "train_loss": interval.loss_sum / interval.seen,
+                      "train_error": interval.wrong / interval.seen, "lr": lr,
+                      "grad_norm": float(grad_norm) if grad_norm is not None else None})
+        interval.loss_sum, interval.wrong, interval.seen = 0.0, 0, 0
 
 
 @torch.no_grad()

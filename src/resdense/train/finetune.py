@@ -145,8 +145,8 @@ def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]:
             no_decay = not (cfg.decay_norm_and_bias or p.ndim > 1)
             groups.setdefault((no_decay, split and is_head(model, name)), []).append(p)
     out = []
-    for (no_decay, head), params in sorted(groups.items(), key=lambda kv: kv[0]):
-        group: dict[str, Any] = {"params": params, "weight_decay": 0.0 if no_decay else cfg.weight_decay}
+    for no_decay, head in sorted(groups):
+        group: dict[str, Any] = {"params": groups[no_decay, head], "weight_decay": 0.0 if no_decay else cfg.weight_decay}
         if split and not head:
             group["lr_scale"] = cfg.backbone_lr_factor
         out.append(group)

@@ -10,6 +10,7 @@ no optimiser, so ``train --resume`` refuses it with a pointer to ``--init-from``
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,7 +53,7 @@ class Imported:
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
+        for block in iter(functools.partial(f.read, 1 << 20), b""):
             h.update(block)
     return h.hexdigest()
 

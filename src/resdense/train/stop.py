@@ -95,6 +95,10 @@ class StopFlag:
             self._agreed = local
         return bool(local)
 
+    def signalled(self) -> bool:
+        """Whether this process received a signal (no all-reduce: for work rank 0 does alone)."""
+        return self.signum is not None
+
     @property
     def stopping(self) -> Optional[int]:
         """The signal this run is stopping for, once :meth:`requested` said so."""
@@ -107,10 +111,3 @@ class StopFlag:
         return TrainingStopped(f"stopped by {signal_name(signum)} {where}; {saved}; continue with "
                                f"the same command plus --resume (resdense train --out {run_dir} --resume ...)", signum)
 
-
-def resume_hint(run_dir: Path) -> str:
-    """What is safe in ``run_dir`` and how to continue: said after a failed write or a hard stop."""
-    from .checkpoint import describe_resume_point
-
-    return (f"{describe_resume_point(run_dir)}; continue with the same command plus --resume "
-            f"(resdense train --out {run_dir} --resume ...)")
