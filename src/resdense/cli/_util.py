@@ -29,7 +29,20 @@ def positive_int(text: str) -> int:
     except ValueError:
         raise argparse.ArgumentTypeError(f"must be a whole number, e.g. 4; got {text!r}") from None
     if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1; got {value}")
+        raise argparse.ArgumentTypeError(f"must be positive; got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """An argparse type for rates and factors that must be above zero."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number; got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number; got {value}")
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive; got {value}")
     return value
 
 

@@ -10,30 +10,10 @@ from typing import Any
 from ..errors import ConfigError, DataError
 from ..train.config import FIELDS, Flag, default_of, flag_of, help_of, value_type
 from ..train.recipes import SHORT_RUN_DEFAULTS
-from ._util import int_list, parse_overrides
+from ._util import int_list, parse_overrides, positive_float, positive_int
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a whole number; got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be positive; got {value}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number; got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be positive; got {value}")
-    return value
-
-
-_NUMBERS = {int: (int, _positive_int), float: (float, _positive_float)}
+_NUMBERS = {int: (int, positive_int), float: (float, positive_float)}
 
 
 def _flag_names(name: str, flag: Flag) -> tuple[str, ...]:
@@ -102,7 +82,7 @@ def register(sub: Any) -> None:
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--resume", action="store_true", help="continue the run in RUN_DIR exactly where it stopped")
     mode.add_argument("--overwrite", action="store_true", help="replace the run in RUN_DIR")
-    p.add_argument("--nproc", type=_positive_int, help="train with N processes (DistributedDataParallel)")
+    p.add_argument("--nproc", type=positive_int, help="train with N processes (DistributedDataParallel)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="test error and confusion matrix of a trained model")
@@ -117,7 +97,7 @@ def register(sub: Any) -> None:
 
     p = sub.add_parser("predict", help="top-k classes of image files")
     p.add_argument("--checkpoint", required=True, metavar="RUN_DIR[/best|/last]")
-    p.add_argument("--top-k", type=_positive_int, default=3)
+    p.add_argument("--top-k", type=positive_int, default=3)
     p.add_argument("--json", action="store_true")
     p.add_argument("images", nargs="+", metavar="IMAGE")
     p.set_defaults(func=cmd_predict)

@@ -128,6 +128,8 @@ def build_context(cfg: TrainConfig, rank: int = 0, world_size: int = 1, device: 
     """Build run ``cfg`` (``cfg`` itself is left as it is: the context's ``cfg`` is a copy whose
     ``model_kwargs`` also hold what the data filled in, e.g. ``num_classes``)."""
     device = device or resolve_device(cfg.device)
+    with torch.device("meta"):  # a bad model or setting is refused before any data is read
+        create_model(cfg.model, **cfg.model_kwargs)
     amp_dtype = resolve_precision(cfg.precision, device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)

@@ -10,7 +10,7 @@ from typing import Any, Optional
 
 from ..errors import ConfigError, UserError
 from ..outputs import RUN, check_writable, clear, is_empty, kind_of, mark
-from ..runlock import RunLock
+from ..runlock import RunLock, RunLockedError, describe_owner, owner
 from . import checkpoint as ckpt
 from .config import TrainConfig, apply_overrides
 
@@ -23,11 +23,10 @@ def _holds_a_run(run_dir: Path) -> bool:
     return kind_of(run_dir) == RUN.name and not is_empty(run_dir)
 
 
-def prepare_run_dir(cfg: TrainConfig, resume: bool, overwrite: bool, lock: Optional[RunLock] = None) -> tuple[Path, RunLock]:
-    """Check ``--out`` against ``--resume``/``--overwrite`` and lock it for this process (a second
-    process in the same directory is refused with the first one's id). Returns the directory and
-    the held lock. A folder resdense did not make is refused before anything is written in it;
-    ``--overwrite`` deletes only what a run is made of (see :mod:`resdense.outputs`)."""
+def check_run_dir(cfg: TrainConfig, resume: bool, overwrite: bool, lock: Optional[RunLock] = None) -> Path:
+    """Check ``--out`` against ``--resume``/``--overwrite`` and its owner, reading only: a folder
+    resdense did not make, a run without either flag, or a folder another process holds is
+    refused before anything is written (see :mod:`resdense.outputs`). Returns the directory."""
     if cfg.out is None:
         raise ConfigError("--out RUN_DIR is required: where the run's checkpoints and metrics go")
     if resume and overwrite:
@@ -36,13 +35,29 @@ def prepare_run_dir(cfg: TrainConfig, resume: bool, overwrite: bool, lock: Optio
     check_writable(run_dir, RUN)
     if _holds_a_run(run_dir) and not resume and not overwrite:
         raise UserError(f"{run_dir} already holds a run; pass --resume to continue it or --overwrite to replace it")
+    if (lock is None or not lock.held) and owner(run_dir) is not None:
+        raise RunLockedError(f"{run_dir} is in use by {describe_owner(run_dir)}; wait for it to finish (or stop it), "
+                             "or use another --out")
+    return run_dir
+
+
+def take_run_dir(run_dir: Path, overwrite: bool, lock: Optional[RunLock] = None) -> RunLock:
+    """Lock ``run_dir`` for this process (a second process is refused with the first one's id),
+    mark it as a run and, with ``overwrite``, delete what the previous run was made of. Returns
+    the held lock. Call it once the run's inputs are known to be good."""
     lock = lock or RunLock(run_dir)
     lock.acquire()
     ckpt.remove_stale_temporaries(run_dir)  # a killed writer's leftovers: ours to clean now we hold the lock
     mark(run_dir, RUN)
     if overwrite:
         clear(run_dir, RUN)
-    return run_dir, lock
+    return lock
+
+
+def prepare_run_dir(cfg: TrainConfig, resume: bool, overwrite: bool, lock: Optional[RunLock] = None) -> tuple[Path, RunLock]:
+    """:func:`check_run_dir`, then :func:`take_run_dir`: the directory and the held lock."""
+    run_dir = check_run_dir(cfg, resume, overwrite, lock)
+    return run_dir, take_run_dir(run_dir, overwrite, lock)
 
 
 def _same_setting(saved: Any, given: Any) -> bool:

@@ -42,7 +42,7 @@ from .context import RunContext, build_context, build_optimizer, model_depth, se
 from .distributed import is_main_process, log
 from .engine import EpochProgress, EpochSettings, EpochStats, NonFiniteLossError, StopRequested, evaluate, train_one_epoch
 from .final import final_evaluation
-from .rundir import prepare_run_dir, resolve_resume_config, resume_hint
+from .rundir import check_run_dir, prepare_run_dir, resolve_resume_config, resume_hint, take_run_dir
 from .schedule import make_schedule, short_run_min_scale, train_image_size
 from .state import EpochPosition, RunState, checkpoint_meta, load_checkpoint, save_run
 from .stop import StopFlag, StopNow
@@ -306,18 +306,21 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False,
     study does; else taken here and released at the end)."""
     if not resume:
         validate(cfg)  # before anything is created on disk: a bad flag leaves no folder behind
-    # Rank 0 alone checks, locks and prepares the run directory; the others wait for it (a rank
-    # that looked after rank 0 created it would take it for an existing run).
+    # Rank 0 alone checks and later locks the run directory; the others wait for it (a rank that
+    # looked after rank 0 created it would take it for an existing run).
     own_lock = lock is None or not lock.held
+    run_dir = check_run_dir(cfg, resume, overwrite, lock) if is_main_process() else Path(cfg.out)
+    if resume:
+        cfg = validate(resolve_resume_config(cfg, run_dir, flag_overrides or {}))
+    # Data and model before the folder: a wrong dataset, batch or model setting leaves nothing behind.
+    ctx = build_context(cfg, rank, world_size, device)
     if is_main_process():
-        run_dir, lock = prepare_run_dir(cfg, resume, overwrite, lock)
-    else:
-        run_dir = Path(cfg.out)
+        lock = take_run_dir(run_dir, overwrite, lock)
     try:
         if torch.distributed.is_initialized():
             torch.distributed.barrier()
         with StopFlag() as stop:
-            return _train_locked(cfg, run_dir, resume, flag_overrides, rank, world_size, device, epoch_callback, stop)
+            return _train_locked(ctx, run_dir, resume, epoch_callback, stop)
     # The one line the user sees: what failed, what is safe on disk, how to go on.
     except WriteError as e:
         raise WriteError(f"{e}; {resume_hint(run_dir)}", e.errno, e.filename) from None
@@ -328,12 +331,9 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False,
             lock.release()
 
 
-def _train_locked(cfg: TrainConfig, run_dir: Path, resume: bool, flag_overrides: Optional[dict[str, Any]],
-                  rank: int, world_size: int, device: Optional[torch.device],
-                  epoch_callback: Optional[EpochCallback], stop: Optional[StopFlag] = None) -> dict[str, Any]:
-    if resume:
-        cfg = validate(resolve_resume_config(cfg, run_dir, flag_overrides or {}))
-    trainer = Trainer(build_context(cfg, rank, world_size, device), run_dir, stop, epoch_callback)
+def _train_locked(ctx: RunContext, run_dir: Path, resume: bool, epoch_callback: Optional[EpochCallback],
+                  stop: Optional[StopFlag] = None) -> dict[str, Any]:
+    trainer = Trainer(ctx, run_dir, stop, epoch_callback)
     trainer.restore(resume)
     while trainer.training:
         epoch = trainer.run_epoch()
