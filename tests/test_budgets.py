@@ -149,3 +149,13 @@ def test_index_page_shows_every_claims_budget(tiny_study, tmp_path):
     assert "budget (paper&#x27;s)" in page or "budget (paper's)" in page
     assert page.count("(paper: 64,000 × 128 on 45,000 CIFAR-10 images)") == 2  # both decided claims
     assert md.count("on 256 images (2 epochs)") == 2
+
+
+def test_study_list_shows_each_presets_budget_beside_the_papers():
+    code, out, err = run_cli(["study", "list"])
+    assert code == 0, err
+    assert ("  budget of preset quick: 150 steps × 64 on 1,000 images (10 epochs) "
+            "(paper: 64,000 × 128 on 45,000 CIFAR-10 images)") in out
+    assert "budget of preset paper: 300 epochs × 64 on all training images (paper: 234,600 × 64 on 50,000" in out
+    # The remedies' small-batch arm asks for four times the steps of the others: both are listed.
+    assert "150 steps × 64 on 1,000 images (10 epochs); 620 steps × 16 on 1,000 images (10 epochs)" in out

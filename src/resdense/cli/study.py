@@ -50,6 +50,8 @@ def cmd_list(args: argparse.Namespace) -> int:
     for spec in STUDIES.values():
         print(f"{spec.name}: {spec.summary}")
         print(f"  presets: {', '.join(spec.presets)}")
+        for preset in spec.presets:
+            print(f"  budget of preset {preset}: {_preset_budget(spec, preset)}")
         # Claims depend on the preset (a short budget leaves some undecided): list each once,
         # with the presets that decide it.
         by_preset = {p: spec.claims(StudyConfig(study=spec.name, preset=p, options=dict(spec.default_options)))
@@ -63,6 +65,17 @@ def cmd_list(args: argparse.Namespace) -> int:
             print(f"  claim: {claim.text} [{claim.contrast} {claim.predicted}]"
                   f" (decided by preset{'s' if len(tested) > 1 else ''} {', '.join(tested)})")
     return 0
+
+
+def _preset_budget(spec: Any, preset: str) -> str:
+    """A preset's planned budget in words (each distinct one where its arms differ), beside the paper's."""
+    from ..studies import StudyConfig
+    from ..studies.budget import paper_text, planned_text
+
+    study = StudyConfig(study=spec.name, preset=preset, seeds=[0], options=dict(spec.default_options))
+    planned = list(dict.fromkeys(planned_text(run.config) for run in spec.runs(study)))
+    paper = spec.paper_budget.to_dict() if spec.paper_budget else {}
+    return f"{'; '.join(planned)} ({paper_text(paper)})"
 
 
 def cmd_study(args: argparse.Namespace) -> int:

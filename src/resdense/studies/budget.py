@@ -101,13 +101,18 @@ def _count(value: Any) -> str:
     return "?" if value is None else f"{value:,}"
 
 
+def _n(value: Any, word: str) -> str:
+    """'1 step', '150 steps', '150–620 steps'."""
+    return f"{_count(value)} {word}" + ("" if value == 1 else "s")
+
+
 def budget_text(budget: Mapping[str, Any]) -> str:
     """'150 steps × 64 on 1,000 images (10 epochs)'; ranges where the runs differ."""
     if not budget or not budget.get("runs"):
         return "no finished runs"
-    text = f"{_count(budget.get('steps'))} steps × {_count(budget.get('batch'))} on {_count(budget.get('images'))} images"
+    text = f"{_n(budget.get('steps'), 'step')} × {_count(budget.get('batch'))} on {_n(budget.get('images'), 'image')}"
     epochs = budget.get("epochs")
-    text += f" ({_count(epochs)} epochs)" if epochs else ""
+    text += f" ({_n(epochs, 'epoch')})" if epochs else ""
     return text + ("" if budget.get("uniform", True) else ", runs differ")
 
 
@@ -121,6 +126,19 @@ def decided_at(word: str, budget: Mapping[str, Any], paper: Mapping[str, Any]) -
     """A decision with the budget it was taken at beside the paper's:
     'REPRODUCED at 150 steps × 64 on 1,000 images (10 epochs) (paper: 64,000 × 128 on 45,000 CIFAR-10 images)'."""
     return f"{word} at {budget_text(budget)} ({paper_text(paper)})"
+
+
+def planned_text(cfg: Any) -> str:
+    """What a run's settings ask for (``study list``, before any run): '150 steps × 64 on 1,000
+    images (10 epochs)'; on all training images the steps depend on the data set."""
+    images = _n(cfg.train_subset, "image") if cfg.train_subset else "all training images"
+    if cfg.iterations:
+        return f"{_n(cfg.iterations, 'step')} × {cfg.batch_size:,} on {images}"
+    if cfg.train_subset:
+        # Every epoch drops its last partial batch.
+        steps = max(cfg.epochs * (cfg.train_subset // cfg.batch_size), cfg.min_steps or 0)
+        return f"{_n(steps, 'step')} × {cfg.batch_size:,} on {images} ({_n(cfg.epochs, 'epoch')})"
+    return f"{_n(cfg.epochs, 'epoch')} × {cfg.batch_size:,} on {images}"
 
 
 def _size(here: float, paper: float) -> str:

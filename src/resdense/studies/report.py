@@ -311,9 +311,13 @@ def build_report(study_dir: str | Path) -> dict[str, Any]:
                      + "; ".join(diverged) + ".")
     md = [f"# {spec.title}", "", f"**Verdict.** {text}", "", *_md_table(vh, vb), "", *[f"*Measured, not decided:* {n}"
           for n in notes], *remarks, "", RULE, "", f"Setup: {setup}.", "", *_md_table(th, tb), ""]
-    extras = [*_paper_tables(spec), *(spec.extra_tables(study, rows, table) if spec.extra_tables else [])]
-    compared = _paper_comparison(spec, rows, doc)
-    md += [f"*At this budget and the paper's:* {line}" for line in compared] + ([""] if compared else [])
+    # The paper's numbers for the same comparison come right after the study's own table.
+    papers, compared = _paper_tables(spec), _paper_comparison(spec, rows, doc)
+    extras = spec.extra_tables(study, rows, table) if spec.extra_tables else []
+    for title, header, body_rows in papers:
+        md += [f"**{title}**", "", *_md_table(header, body_rows), ""]
+    for line in compared:
+        md += [f"*At this budget and the paper's:* {line}", ""]
     for title, header, body_rows in extras:
         md += [f"**{title}**", "", *_md_table(header, body_rows), ""]
     for name, caption in figures:
@@ -325,8 +329,10 @@ def build_report(study_dir: str | Path) -> dict[str, Any]:
             _html_table(vh, vb, "verdicts"), *[f"<p><em>Measured, not decided:</em> {html.escape(n)}</p>" for n in notes],
             *[f"<p>{html.escape(n)}</p>" for n in remarks],
             f"<p>{_emphasis(html.escape(RULE))}</p>", f"<p>Setup: {html.escape(setup)}.</p>",
-            _html_table(th, tb, "groups"), *[f"<p><em>At this budget and the paper's:</em> {html.escape(line)}</p>"
-                                            for line in compared]]
+            _html_table(th, tb, "groups")]
+    for title, header, body_rows in papers:
+        body += [f"<p><strong>{html.escape(title)}</strong></p>", _html_table(header, body_rows, "paper")]
+    body += [f"<p><em>At this budget and the paper's:</em> {html.escape(line)}</p>" for line in compared]
     for title, header, body_rows in extras:
         body += [f"<p><strong>{html.escape(title)}</strong></p>", _html_table(header, body_rows, "extra")]
     for name, caption in figures:
