@@ -241,7 +241,11 @@ def _setup(spec: StudySpec, study: StudyConfig, rows: list[dict[str, Any]]) -> s
             + (f"; {note}" if note else ""))
 
 
-def _paper_tables(spec: StudySpec) -> list[tuple[str, list[str], list[list[str]]]]:
+Tables = list[tuple[str, list[str], list[list[str]]]]
+COMPARED = "At this budget and the paper's:"
+
+
+def _paper_tables(spec: StudySpec) -> Tables:
     return [spec.paper_numbers.table()] if spec.paper_numbers else []
 
 
@@ -249,6 +253,26 @@ def _paper_comparison(spec: StudySpec, rows: list[dict[str, Any]], doc: dict[str
     """How this budget's effects compare in size with the paper's, one sentence per claim it measures."""
     budget = budget_text(runs_budget(rows, {r["group"] for r in rows}))
     return effect_sentences(spec.paper_numbers, doc["verdicts"], doc["measured"], budget)
+
+
+def _after_table_md(papers: Tables, compared: list[str], extras: Tables) -> list[str]:
+    """What follows the study's table in report.md: the paper's table, the comparison, the extras."""
+    md: list[str] = []
+    for title, header, body_rows in papers:
+        md += [f"**{title}**", "", *_md_table(header, body_rows), ""]
+    for line in compared:
+        md += [f"*{COMPARED}* {line}", ""]
+    for title, header, body_rows in extras:
+        md += [f"**{title}**", "", *_md_table(header, body_rows), ""]
+    return md
+
+
+def _after_table_html(papers: Tables, compared: list[str], extras: Tables) -> list[str]:
+    """The same in report.html."""
+    body = [f"<p><strong>{html.escape(t)}</strong></p>" + _html_table(h, b, "paper") for t, h, b in papers]
+    body += [f"<p><em>{html.escape(COMPARED)}</em> {html.escape(line)}</p>" for line in compared]
+    body += [f"<p><strong>{html.escape(t)}</strong></p>" + _html_table(h, b, "extra") for t, h, b in extras]
+    return body
 
 
 PAGE_STYLE = ("body{font-family:sans-serif;line-height:1.4;max-width:1100px;margin:auto;padding:0 1em}h1{line-height:1.2}"
@@ -314,12 +338,7 @@ def build_report(study_dir: str | Path) -> dict[str, Any]:
     # The paper's numbers for the same comparison come right after the study's own table.
     papers, compared = _paper_tables(spec), _paper_comparison(spec, rows, doc)
     extras = spec.extra_tables(study, rows, table) if spec.extra_tables else []
-    for title, header, body_rows in papers:
-        md += [f"**{title}**", "", *_md_table(header, body_rows), ""]
-    for line in compared:
-        md += [f"*At this budget and the paper's:* {line}", ""]
-    for title, header, body_rows in extras:
-        md += [f"**{title}**", "", *_md_table(header, body_rows), ""]
+    md += _after_table_md(papers, compared, extras)
     for name, caption in figures:
         md += [f"![{caption}]({name})", "", f"*{caption}*", ""]
     md.append(f"Regenerate with `resdense report {out}`.")
@@ -330,11 +349,7 @@ def build_report(study_dir: str | Path) -> dict[str, Any]:
             *[f"<p>{html.escape(n)}</p>" for n in remarks],
             f"<p>{_emphasis(html.escape(RULE))}</p>", f"<p>Setup: {html.escape(setup)}.</p>",
             _html_table(th, tb, "groups")]
-    for title, header, body_rows in papers:
-        body += [f"<p><strong>{html.escape(title)}</strong></p>", _html_table(header, body_rows, "paper")]
-    body += [f"<p><em>At this budget and the paper's:</em> {html.escape(line)}</p>" for line in compared]
-    for title, header, body_rows in extras:
-        body += [f"<p><strong>{html.escape(title)}</strong></p>", _html_table(header, body_rows, "extra")]
+    body += _after_table_html(papers, compared, extras)
     for name, caption in figures:
         data = base64.b64encode((out / name).read_bytes()).decode()
         body.append(f"<figure><img src='data:image/png;base64,{data}' alt='{html.escape(name)}' style='max-width:100%'>"
