@@ -115,7 +115,7 @@ class Verdict:
     # One-sided p-value of the t statistic (difference − threshold) / stderr, in the direction
     # the estimate points (None without an uncertainty); the study's Holm control reads it.
     p_value: Optional[float] = None
-    # Filled in by the study's Holm control (:mod:`.holm`): the decision this claim gets alone,
+    # Filled in by the study's Holm control (:func:`holm`): the decision this claim gets alone,
     # its Holm-adjusted p-value and the level its rank faced, among ``family`` decided claims.
     decision_alone: str = ""
     p_holm: Optional[float] = None
