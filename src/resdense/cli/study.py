@@ -50,6 +50,8 @@ def cmd_list(args: argparse.Namespace) -> int:
     for spec in STUDIES.values():
         print(f"{spec.name}: {spec.summary}")
         print(f"  presets: {', '.join(spec.presets)}")
+        for preset in spec.presets:
+            print(f"  budget of preset {preset}: {_preset_budget(spec, preset)}")
         # Claims depend on the preset (a short budget leaves some undecided): list each once,
         # with the presets that decide it.
         by_preset = {p: spec.claims(StudyConfig(study=spec.name, preset=p, options=dict(spec.default_options)))
@@ -63,6 +65,17 @@ def cmd_list(args: argparse.Namespace) -> int:
             print(f"  claim: {claim.text} [{claim.contrast} {claim.predicted}]"
                   f" (decided by preset{'s' if len(tested) > 1 else ''} {', '.join(tested)})")
     return 0
+
+
+def _preset_budget(spec: Any, preset: str) -> str:
+    """A preset's planned budget in words (each distinct one where its arms differ), beside the paper's."""
+    from ..studies import StudyConfig
+    from ..studies.budget import paper_text, planned_text
+
+    study = StudyConfig(study=spec.name, preset=preset, seeds=[0], options=dict(spec.default_options))
+    planned = list(dict.fromkeys(planned_text(run.config) for run in spec.runs(study)))
+    paper = spec.paper_budget.to_dict() if spec.paper_budget else {}
+    return f"{'; '.join(planned)} ({paper_text(paper)})"
 
 
 def cmd_study(args: argparse.Namespace) -> int:
@@ -93,7 +106,9 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def _print_summary(report: dict[str, Any], out: str) -> None:
+    from ..studies.budget import decided_at
     from ..studies.report import DECISION_WORDS, measured_line
+    from ..studies.stats import FAMILY_ALPHA
 
     width = max([14, *(len(t["group"]) + 1 for t in report["table"])])
     print(f"{'group':<{width}} seeds  train error % (eval)   test error %")
@@ -102,10 +117,15 @@ def _print_summary(report: dict[str, Any], out: str) -> None:
             return "–" if t[key] is None else f"{100 * t[key]:6.2f} ± {100 * t[key + '_std']:5.2f}"
         print(f"{t['group']:<{width}} {t['seeds']:>5}  {cell('train_error'):>20}  {cell('test_error'):>15}")
     for v in report["verdicts"]:
-        print(f"{v.text}: {DECISION_WORDS[v.decision].upper()}")
+        print(f"{v.text}: {decided_at(DECISION_WORDS[v.decision].upper(), v.budget, v.paper_budget)}")
         print(f"    {v.contrast} = " + ("no data" if v.difference is None else
               f"{v.difference:+.2f}" + ("" if v.stderr is None else f" ± {v.stderr:.2f}") + f" points ({v.n_seeds} seed{'s' if v.n_seeds != 1 else ''})")
               + f"; {v.reason}")
+    if report["verdicts"]:
+        print(f"(the {len(report['verdicts'])} decided claims are controlled together: Holm–Bonferroni at a "
+              f"family-wise {FAMILY_ALPHA:.0%}; each interval above is unadjusted)")
     for m in report.get("measured", []):
         print(f"(measured, not decided) {measured_line(m)}")
+    for line in report.get("compared", []):
+        print(f"(against the paper) {line}")
     print(f"report: {out}/report.html and {out}/report.md")

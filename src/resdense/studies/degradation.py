@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from ..errors import ConfigError
+from .budget import PaperBudget, PaperEffect, PaperNumbers
 from .spec import QUICK_CPU, SMOKE, Arm, ArmOrder, StudyConfig, StudySpec, register_study
 from .stats import Claim
 
@@ -31,6 +32,30 @@ PRESETS: dict[str, dict[str, Any]] = {
     # He et al. 2015, Sec. 4.2 (for users with a GPU and CIFAR-10): depths 20/32/44/56/110.
     "paper": dict(recipe="resnet-cifar-paper", curve_every=100),
 }
+
+
+# He et al. 2015, Sec. 4.2: 64k iterations of 128 images on 45k CIFAR-10 training images (5k held out).
+PAPER_BUDGET = PaperBudget("He et al. 2015, Sec. 4.2", "CIFAR-10", steps=64_000, batch=128, images=45_000,
+                           epochs=round(64_000 * 128 / 45_000, 1))
+# The paper prints test errors only (Table 6; Fig. 6 draws the plain nets' curves): its training
+# errors, and both errors of the plain nets, are from an independent reproduction of that recipe.
+_REPRO = {"plain-20": (1.23, 9.63), "plain-56": (5.24, 14.22), "resnet-20": (0.73, 8.24), "resnet-56": (0.18, 8.30)}
+PAPER_NUMBERS = PaperNumbers(
+    "The paper's CIFAR-10 numbers (He et al. 2015, Table 6 test error; training and plain-net errors from an "
+    "independent reproduction of its recipe), for comparison",
+    ("net", "paper test error %", "reproduction train error %", "reproduction test error %"),
+    (("plain-20", "–", *_REPRO["plain-20"]), ("plain-56", "–", *_REPRO["plain-56"]),
+     ("ResNet-20", 8.75, *_REPRO["resnet-20"]), ("ResNet-32", 7.51, "–", "–"), ("ResNet-44", 7.17, "–", "–"),
+     ("ResNet-56", 6.97, *_REPRO["resnet-56"]), ("ResNet-110", 6.43, "–", "–")),
+    effects=(
+        PaperEffect("degradation", "plain-56 − plain-20", _REPRO["plain-56"][0] - _REPRO["plain-20"][0],
+                    "training error, independent reproduction"),
+        PaperEffect("shortcuts_remove_degradation", "(plain-56 − plain-20) − (ResNet-56 − ResNet-20)",
+                    _REPRO["plain-56"][0] - _REPRO["plain-20"][0] - _REPRO["resnet-56"][0] + _REPRO["resnet-20"][0],
+                    "training error, independent reproduction"),
+        PaperEffect("deeper_resnet_better", "ResNet-56 − ResNet-20", _REPRO["resnet-56"][0] - _REPRO["resnet-20"][0],
+                    "training error, independent reproduction; the paper's test error: 6.97 − 8.75 = −1.78"),
+    ))
 
 
 def group_name(kind: str, depth: int) -> str:
@@ -93,4 +118,5 @@ SPEC = register_study(StudySpec(
     presets=PRESETS, arms=arms, claims=claims, figures=figures, group_order=ArmOrder(ARMS, "kind"),
     label_columns=("kind", "depth"), default_options={"depths": [20, 56], "shortcut": "A"},
     option_help={"depths": "depths compared", "shortcut": "the residual nets' shortcut option A, B or C"},
-    setup_note="shortcut option {shortcut} for the residual nets"))
+    setup_note="shortcut option {shortcut} for the residual nets", paper_budget=PAPER_BUDGET,
+    paper_numbers=PAPER_NUMBERS))

@@ -21,6 +21,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
+from .budget import PaperBudget, PaperEffect, PaperNumbers
 from .spec import QUICK_CPU, SMOKE, Arm, ArmOrder, StudyConfig, StudySpec, cifar_depth, register_study, run_config
 from .stats import Claim
 
@@ -41,6 +42,16 @@ ARMS = (
 )
 REMEDIES = ("plain+small-batch", "plain+clip", "plain+l2")
 FRACTION = 0.5  # a remedy "removes" the degradation when it closes at least this share of the gap
+
+# The articles give no budget or numbers for these remedies; the premise is the ResNet paper's, so
+# its CIFAR-10 recipe (Sec. 4.2) and an independent reproduction of it (depth 56, not this study's 32).
+PAPER_BUDGET = PaperBudget("He et al. 2015, Sec. 4.2 (the premise; the articles give no budget)", "CIFAR-10",
+                           steps=64_000, batch=128, images=45_000, epochs=round(64_000 * 128 / 45_000, 1))
+PAPER_NUMBERS = PaperNumbers(
+    "The premise at the ResNet paper's budget (an independent CIFAR-10 reproduction of its recipe, depth 56; "
+    "the articles give no numbers for the remedies)",
+    ("net", "train error %", "test error %"), (("plain-56", 5.24, 14.22), ("ResNet-56", 0.18, 8.30)),
+    effects=(PaperEffect("premise", "plain-56 − ResNet-56", 5.24 - 0.18, "training error, independent reproduction, depth 56"),))
 
 PRESETS: dict[str, dict[str, Any]] = {
     # Seven nets × three seeds at depth 32 cost about what twelve runs of depths 20 and 56 do.
@@ -136,4 +147,5 @@ SPEC = register_study(StudySpec(
     name="remedies", title="Remedies for the deep plain net: smaller batch, gradient clipping, L2 penalty",
     summary="the articles' fixes for vanishing/exploding gradients on plain-D, beside ResNet-D, with gradient norms",
     presets=PRESETS, arms=arms, claims=claims, figures=figures, group_order=ArmOrder(ARMS, "net"),
-    label_columns=("net", "depth"), default_options={"depth": 32}, option_help={"depth": "the one depth of every net, 6n+2"}, setup_note="depth {depth}"))
+    label_columns=("net", "depth"), default_options={"depth": 32}, option_help={"depth": "the one depth of every net, 6n+2"}, setup_note="depth {depth}",
+    paper_budget=PAPER_BUDGET, paper_numbers=PAPER_NUMBERS))

@@ -13,6 +13,7 @@ import html
 import json
 import re
 import statistics
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Optional
 
@@ -20,7 +21,8 @@ from .._io import atomic_write_text
 from ..errors import ConfigError
 from ..outputs import check_new_file
 from .spec import METRICS, StudyConfig, StudySpec, get_study
-from .stats import CONFIDENCE, DECISION_WORDS, Verdict, decide_all, measure, summary_line
+from .budget import budget_text, decided_at, effect_sentences, paper_text, runs_budget
+from .stats import CONFIDENCE, DECISION_WORDS, FAMILY_ALPHA, Verdict, decide_all, measure, summary_line
 
 
 def load_study(out: str | Path) -> tuple[StudySpec, StudyConfig]:
@@ -69,6 +71,7 @@ def collect_rows(spec: StudySpec, study: StudyConfig) -> list[dict[str, Any]]:
             "test_images": summary.get("test_images"), "wall_time": summary["wall_time"],
             "images_per_s": summary.get("images_per_s"), "steps": summary.get("steps"),
             "params": summary.get("params"), "macs": summary.get("macs"), "diverged": summary.get("diverged"),
+            "train_images": summary.get("train_images"),
             "curve": _read_jsonl(run_dir / "curve.jsonl"),
             "epochs": [{k: m[k] for k in ("step", "train_error", "val_error")} for m in metrics],
             "config": summary["config"],
@@ -107,9 +110,12 @@ def _values(rows: list[dict[str, Any]]) -> dict[str, dict[str, dict[int, float]]
 
 def verdicts(spec: StudySpec, study: StudyConfig, rows: list[dict[str, Any]],
              table: Optional[list[dict[str, Any]]] = None) -> list[Verdict]:
-    """The decisions of the claims this preset tests (``table``: the rows' group table, if at hand)."""
-    claims = spec.claims(study, table if table is not None else group_table(spec, rows))
-    return decide_all([c for c in claims if c.tested], _values(rows))
+    """The decisions of the claims this preset tests, controlled together (Holm), each with the
+    budget of its runs and the paper's (``table``: the rows' group table, if at hand)."""
+    claims = [c for c in spec.claims(study, table if table is not None else group_table(spec, rows)) if c.tested]
+    paper = spec.paper_budget.to_dict() if spec.paper_budget else {}
+    return [replace(v, budget=runs_budget(rows, (g for g, _ in c.terms)), paper_budget=paper)
+            for v, c in zip(decide_all(claims, _values(rows)), claims)]
 
 
 def measurements(spec: StudySpec, study: StudyConfig, rows: list[dict[str, Any]],
@@ -117,7 +123,9 @@ def measurements(spec: StudySpec, study: StudyConfig, rows: list[dict[str, Any]]
     """The contrasts of the claims this preset cannot test: measured, not decided."""
     values = _values(rows)
     claims = spec.claims(study, table if table is not None else group_table(spec, rows))
-    return [measure(c, values.get(c.metric, {})) for c in claims if not c.tested]
+    paper = spec.paper_budget.to_dict() if spec.paper_budget else {}
+    return [{**measure(c, values.get(c.metric, {})), "budget": runs_budget(rows, (g for g, _ in c.terms)),
+             "paper_budget": paper} for c in claims if not c.tested]
 
 
 def verdict_text(vs: list[Verdict]) -> str:
@@ -127,7 +135,7 @@ def verdict_text(vs: list[Verdict]) -> str:
         effect = (f"{v.contrast} = {v.difference:+.2f} ± {v.stderr:.2f} points, {v.n_seeds} seeds"
                   if v.difference is not None and v.stderr is not None else
                   f"{v.contrast} = {v.difference:+.2f} points, one seed" if v.difference is not None else "no data")
-        parts.append(f"{v.text}: {DECISION_WORDS[v.decision]} ({effect}).")
+        parts.append(f"{v.text}: {decided_at(DECISION_WORDS[v.decision], v.budget, v.paper_budget)} ({effect}).")
     return " ".join(parts)
 
 
@@ -157,8 +165,8 @@ def _table_rows(spec: StudySpec, table: list[dict[str, Any]]) -> tuple[list[str]
 
 
 def _verdict_rows(vs: list[Verdict]) -> tuple[list[str], list[list[str]]]:
-    header = ["claim", "metric", "difference (points)", "± stderr", f"{int(CONFIDENCE * 100)}% interval", "seeds",
-              "decision"]
+    header = ["claim", "metric", "difference (points)", "± stderr", f"{int(CONFIDENCE * 100)}% interval (unadjusted)",
+              "seeds", "one-sided p", "Holm level", "decision alone", "decision (Holm)", "budget"]
     body = []
     for v in vs:
         body.append([f"{v.text} [{v.contrast} {v.predicted}]" + ("" if v.headline else " (reported, not in the verdict)"),
@@ -166,7 +174,10 @@ def _verdict_rows(vs: list[Verdict]) -> tuple[list[str], list[list[str]]]:
                      "–" if v.difference is None else f"{v.difference:+.2f}",
                      "–" if v.stderr is None else f"{v.stderr:.2f}",
                      "–" if v.ci_low is None else f"[{v.ci_low:+.2f}, {v.ci_high:+.2f}]",
-                     str(v.n_seeds), DECISION_WORDS[v.decision]])
+                     str(v.n_seeds), "–" if v.p_value is None else f"{v.p_value:.4f}",
+                     "–" if v.holm_level is None else f"{v.holm_level:.4f}",
+                     DECISION_WORDS[v.decision_alone or v.decision], DECISION_WORDS[v.decision],
+                     f"{budget_text(v.budget)} ({paper_text(v.paper_budget)})"])
     return header, body
 
 
@@ -174,7 +185,8 @@ def measured_line(m: dict[str, Any]) -> str:
     if m["difference"] is None:
         return f"{m['text']}: no data yet."
     unc = f" ± {m['stderr']:.2f}" if m["stderr"] is not None else ""
-    return (f"{m['text']}: {m['contrast']} = {m['difference']:+.2f}{unc} points ({m['n_seeds']} seed{'s' if m['n_seeds'] != 1 else ''}); "
+    return (f"{m['text']}: {m['contrast']} = {m['difference']:+.2f}{unc} points ({m['n_seeds']} seed{'s' if m['n_seeds'] != 1 else ''}) "
+            f"at {budget_text(m.get('budget', {}))} ({paper_text(m.get('paper_budget', {}))}); "
             f"not decided: {m['why_not_decided']}.")
 
 
@@ -204,7 +216,16 @@ RULE = ("Decision rule: each claim is a difference of group means of its metric 
         "(Welch's, over independent groups, where the seeds differ). Each claim is a one-sided t test at the 5% "
         "level, i.e. the 90% two-sided Student-t interval decides: *reproduced* when it lies wholly on the predicted "
         "side of the threshold, *not reproduced* when it lies wholly on the other side, *inconclusive* when it "
-        "contains the threshold. One seed is always inconclusive.")
+        "contains the threshold. One seed is always inconclusive. "
+        f"The study's decided claims are then controlled together (Holm–Bonferroni, family-wise {FAMILY_ALPHA:.0%}): "
+        "each claim's one-sided p-value (in the direction its estimate points) is ranked among the k decided claims; "
+        "the smallest must be below 5%/k, the next below 5%/(k−1), and so on, stopping at the first that is not. A "
+        "claim stays reproduced or not reproduced only if it is decided alone and passes its Holm level; otherwise it "
+        "is inconclusive. The table keeps each claim's unadjusted interval and its decision alone beside the "
+        "controlled one, and the seeds hint for an undecided claim is at the level its rank faces. Claims measured, "
+        "not decided, are not in the family. Every decision holds or fails at the budget it names (steps × batch on "
+        "training images, from the runs' results), beside the paper's budget: far below it, the effects are not the "
+        "paper's.")
 
 
 def _setup(spec: StudySpec, study: StudyConfig, rows: list[dict[str, Any]]) -> str:
@@ -218,6 +239,40 @@ def _setup(spec: StudySpec, study: StudyConfig, rows: list[dict[str, Any]]) -> s
             f"{cfg.get('schedule')}), seeds {', '.join(map(str, sorted({r['seed'] for r in rows})))}, "
             f"precision {'/'.join(precision)}" + (f", test error on {test} test images" if test else "")
             + (f"; {note}" if note else ""))
+
+
+Tables = list[tuple[str, list[str], list[list[str]]]]
+COMPARED = "At this budget and the paper's:"
+
+
+def _paper_tables(spec: StudySpec) -> Tables:
+    return [spec.paper_numbers.table()] if spec.paper_numbers else []
+
+
+def _paper_comparison(spec: StudySpec, rows: list[dict[str, Any]], doc: dict[str, Any]) -> list[str]:
+    """How this budget's effects compare in size with the paper's, one sentence per claim it measures."""
+    budget = budget_text(runs_budget(rows, {r["group"] for r in rows}))
+    return effect_sentences(spec.paper_numbers, doc["verdicts"], doc["measured"], budget)
+
+
+def _after_table_md(papers: Tables, compared: list[str], extras: Tables) -> list[str]:
+    """What follows the study's table in report.md: the paper's table, the comparison, the extras."""
+    md: list[str] = []
+    for title, header, body_rows in papers:
+        md += [f"**{title}**", "", *_md_table(header, body_rows), ""]
+    for line in compared:
+        md += [f"*{COMPARED}* {line}", ""]
+    for title, header, body_rows in extras:
+        md += [f"**{title}**", "", *_md_table(header, body_rows), ""]
+    return md
+
+
+def _after_table_html(papers: Tables, compared: list[str], extras: Tables) -> list[str]:
+    """The same in report.html."""
+    body = [f"<p><strong>{html.escape(t)}</strong></p>" + _html_table(h, b, "paper") for t, h, b in papers]
+    body += [f"<p><em>{html.escape(COMPARED)}</em> {html.escape(line)}</p>" for line in compared]
+    body += [f"<p><strong>{html.escape(t)}</strong></p>" + _html_table(h, b, "extra") for t, h, b in extras]
+    return body
 
 
 PAGE_STYLE = ("body{font-family:sans-serif;line-height:1.4;max-width:1100px;margin:auto;padding:0 1em}h1{line-height:1.2}"
@@ -280,9 +335,10 @@ def build_report(study_dir: str | Path) -> dict[str, Any]:
                      + "; ".join(diverged) + ".")
     md = [f"# {spec.title}", "", f"**Verdict.** {text}", "", *_md_table(vh, vb), "", *[f"*Measured, not decided:* {n}"
           for n in notes], *remarks, "", RULE, "", f"Setup: {setup}.", "", *_md_table(th, tb), ""]
+    # The paper's numbers for the same comparison come right after the study's own table.
+    papers, compared = _paper_tables(spec), _paper_comparison(spec, rows, doc)
     extras = spec.extra_tables(study, rows, table) if spec.extra_tables else []
-    for title, header, body_rows in extras:
-        md += [f"**{title}**", "", *_md_table(header, body_rows), ""]
+    md += _after_table_md(papers, compared, extras)
     for name, caption in figures:
         md += [f"![{caption}]({name})", "", f"*{caption}*", ""]
     md.append(f"Regenerate with `resdense report {out}`.")
@@ -293,14 +349,14 @@ def build_report(study_dir: str | Path) -> dict[str, Any]:
             *[f"<p>{html.escape(n)}</p>" for n in remarks],
             f"<p>{_emphasis(html.escape(RULE))}</p>", f"<p>Setup: {html.escape(setup)}.</p>",
             _html_table(th, tb, "groups")]
-    for title, header, body_rows in extras:
-        body += [f"<p><strong>{html.escape(title)}</strong></p>", _html_table(header, body_rows, "extra")]
+    body += _after_table_html(papers, compared, extras)
     for name, caption in figures:
         data = base64.b64encode((out / name).read_bytes()).decode()
         body.append(f"<figure><img src='data:image/png;base64,{data}' alt='{html.escape(name)}' style='max-width:100%'>"
                     f"<figcaption>{html.escape(caption)}</figcaption></figure>")
     atomic_write_text(out / "report.html", html_page(f"resdense {spec.name} study", "\n".join(body)))
     return {"study": spec.name, "table": table, "verdicts": vs, "measured": measured, "verdict_text": text,
+            "compared": compared,
             "lines": [summary_line(v) for v in vs], "figures": [str(out / n) for n, _ in figures]}
 
 
@@ -326,15 +382,17 @@ def build_index(folder: str | Path) -> dict[str, Any]:
             continue
         spec = get_study(report["study"])
         entries.append({"dir": study_dir.name, "title": spec.title, "verdicts": report["verdicts"], "note": ""})
-    md = [f"# {INDEX_TITLE}", "", "| study | claim | difference (points) | decision | report |", "|---|---|---|---|---|"]
+    md = [f"# {INDEX_TITLE}", "", "| study | claim | difference (points) | decision | budget (paper's) | report |",
+          "|---|---|---|---|---|---|"]
     rows_html = []
     for e in entries:
         link = f"{e['dir']}/report.html"
         claims = e["verdicts"] or [None]
         for i, v in enumerate(claims):
             cells = ([v.text, "–" if v.difference is None else f"{v.difference:+.2f}"
-                      + ("" if v.stderr is None else f" ± {v.stderr:.2f}"), DECISION_WORDS[v.decision]]
-                     if v is not None else [e["note"], "–", "–"])
+                      + ("" if v.stderr is None else f" ± {v.stderr:.2f}"), DECISION_WORDS[v.decision],
+                      f"{budget_text(v.budget)} ({paper_text(v.paper_budget)})"]
+                     if v is not None else [e["note"], "–", "–", "–"])
             md.append(f"| {e['title']} | " + " | ".join(cells) + f" | [{e['dir']}]({link}) |")
             # The study's title and its report's link once, spanning its claims' rows.
             study_cell = (f"<td rowspan='{len(claims)}'>{html.escape(e['title'])}<br>"
@@ -342,7 +400,7 @@ def build_index(folder: str | Path) -> dict[str, Any]:
             rows_html.append("<tr>" + study_cell + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>")
     atomic_write_text(root / "index.md", "\n".join(md) + "\n")
     body = (f"<h1>{INDEX_TITLE}</h1><table class='index'><thead><tr><th>study</th><th>claim</th>"
-            "<th>difference (points)</th><th>decision</th></tr></thead><tbody>"
+            "<th>difference (points)</th><th>decision</th><th>budget (paper's)</th></tr></thead><tbody>"
             + "".join(rows_html) + "</tbody></table>")
     atomic_write_text(root / "index.html", html_page(INDEX_TITLE, body))
     return {"studies": [e["dir"] for e in entries], "index": str(root / "index.html")}

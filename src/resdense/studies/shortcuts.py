@@ -17,6 +17,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Optional
 
+from .budget import PaperBudget, PaperEffect, PaperNumbers
 from .report import count_text
 from .spec import QUICK_CPU, SMOKE, Arm, ArmOrder, StudyConfig, StudySpec, cifar_depth, register_study
 from .stats import Claim
@@ -31,9 +32,23 @@ PRESETS: dict[str, dict[str, Any]] = {
     # The CIFAR-10 recipe of He et al. 2015, Sec. 4.2 (Table 3 itself is ImageNet ResNet-34).
     "paper": dict(recipe="resnet-cifar-paper", curve_every=100),
 }
-# He et al. 2015, Table 3: ImageNet validation top-1 error (10-crop), 34 layers.
-PAPER_ROWS = (("plain-34", 28.54), ("ResNet-34 A", 25.03), ("ResNet-34 B", 24.52), ("ResNet-34 C", 24.19))
+# He et al. 2015, Table 3: ImageNet validation top-1 error (10-crop), 34 layers (and 18, Table 2).
+PAPER_ROWS = (("plain-34", 28.54), ("ResNet-34 A", 25.03), ("ResNet-34 B", 24.52), ("ResNet-34 C", 24.19),
+              ("plain-18", 27.94), ("ResNet-18", 27.88))
 FRACTION = 0.5  # claim 2: a projection buys less than this share of A's own gain
+_TOP1 = dict(PAPER_ROWS)
+# He et al. 2015, Sec. 3.4: Table 3's nets trained up to 600k iterations of 256 on ImageNet's 1.28M images.
+PAPER_BUDGET = PaperBudget("He et al. 2015, Sec. 3.4 (ImageNet, Table 3)", "ImageNet", steps=600_000, batch=256,
+                           images=1_281_167, epochs=round(600_000 * 256 / 1_281_167, 1))
+_TABLE3 = "ImageNet top-1 validation error, 34 layers"
+PAPER_NUMBERS = PaperNumbers(
+    "He et al. 2015, Table 3 (ImageNet top-1 validation error, 10-crop; 18 layers from Table 2), for comparison",
+    ("net", "top-1 error %"), PAPER_ROWS,
+    effects=(*(PaperEffect(f"{x}_fixes_degradation", f"ResNet-34 {x} − plain-34",
+                           _TOP1[f"ResNet-34 {x}"] - _TOP1["plain-34"], _TABLE3) for x in "ABC"),
+             *(PaperEffect(f"{x}_not_essential", f"{FRACTION:g}(plain-34 − A) − (A − {x})",
+                           FRACTION * (_TOP1["plain-34"] - _TOP1["ResNet-34 A"])
+                           - (_TOP1["ResNet-34 A"] - _TOP1[f"ResNet-34 {x}"]), _TABLE3) for x in "BC")))
 
 
 def group_name(shortcut: str, depth: int) -> str:
@@ -77,11 +92,8 @@ def extra_tables(study: StudyConfig, rows: list[dict[str, Any]], table: list[dic
         body.append([t["group"], count_text(t.get("params")),
                      "–" if extra is None else (f"{extra:+,d}" + (f" ({100 * extra / ref['params']:+.1f}%)" if ref["params"] else "")),
                      "–" if gain is None else f"{gain:+.2f}"])
-    tables = [("Parameters against A and what they buy (test error gained over A, points; mean over seeds)",
-               ["group", "params", "params vs A", "test error gain over A"], body),
-              ("He et al. 2015, Table 3 (ImageNet, 34 layers, top-1 validation error, 10-crop), for comparison",
-               ["net", "top-1 error %"], [[n, f"{e:.2f}"] for n, e in PAPER_ROWS])]
-    return tables
+    return [("Parameters against A and what they buy (test error gained over A, points; mean over seeds)",
+             ["group", "params", "params vs A", "test error gain over A"], body)]
 
 
 def figures(rows: list[dict[str, Any]], table: list[dict[str, Any]], out: Path) -> list[tuple[str, str]]:
@@ -98,4 +110,4 @@ SPEC = register_study(StudySpec(
     summary="plain vs shortcut options A/B/C at one depth: error and parameters (ResNet paper, Table 3)",
     presets=PRESETS, arms=arms, claims=claims, figures=figures, group_order=ArmOrder(ARMS, "shortcut"),
     label_columns=("shortcut", "depth"), default_options={"depth": 56}, option_help={"depth": "the one depth of every net, 6n+2"},
-    setup_note="depth {depth}", extra_tables=extra_tables))
+    setup_note="depth {depth}", extra_tables=extra_tables, paper_budget=PAPER_BUDGET, paper_numbers=PAPER_NUMBERS))

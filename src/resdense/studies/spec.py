@@ -17,6 +17,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 from ..errors import ConfigError
 from ..train.config import TrainConfig, apply_overrides
 from ..train.recipes import recipe
+from .budget import PaperBudget, PaperNumbers
 from .stats import Claim
 
 # Row fields every result row carries (besides the spec's own labels, e.g. kind and depth).
@@ -137,6 +138,9 @@ class StudySpec:
     # More tables for the report: (title, header, rows) from the study, its rows and group table.
     extra_tables: Optional[Callable[[StudyConfig, list[dict[str, Any]], list[dict[str, Any]]],
                                     list[tuple[str, list[str], list[list[str]]]]]] = None
+    # The paper's training budget for the study's claims, and its numbers for the same comparison.
+    paper_budget: Optional[PaperBudget] = None
+    paper_numbers: Optional[PaperNumbers] = None
 
     def runs(self, study: StudyConfig) -> list[RunSpec]:
         """Every run of the study: its arms times its seeds."""

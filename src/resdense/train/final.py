@@ -79,6 +79,8 @@ def final_evaluation(ctx: RunContext, run_dir: Path, history: list[dict[str, Any
     from ..analysis.complexity import profile
 
     summary["params"], summary["macs"], _ = profile(ctx.model, (ctx.splits.in_chans, *ctx.splits.image_size))
+    # The training images the steps drew from (every rank holds all of them): a study's budget.
+    summary["train_images"] = len(ctx.train_loader.images)
     if cfg.eval_train:
         # The papers' "training error": the final model in eval mode on its training images,
         # unaugmented, after the last step (the running error above averages moving weights).
