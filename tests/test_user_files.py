@@ -169,3 +169,22 @@ def test_image_and_jobs_bounds(monkeypatch):
     monkeypatch.setattr(limits, "usable_cores", lambda: 64)
     assert limits.bound_jobs(1000, 12)[0] == 5  # memory for five
     assert limits.bound_jobs(8, 3)[0] == 3      # three runs left
+
+
+def test_a_full_disk_in_a_study_says_to_run_the_study_again(tmp_path, monkeypatch):
+    from resdense.errors import WriteError
+    from resdense.studies import StudyConfig, engine
+
+    def full_disk(*args, **kwargs):
+        raise WriteError(f"{tmp_path}/s/plain8-seed0/metrics.jsonl: the disk is full (0 B free); the previous "
+                         "checkpoint is intact; continue with the same command plus --resume (resdense train --out "
+                         f"{tmp_path}/s/plain8-seed0 --resume ...)", 28, "metrics.jsonl")
+
+    monkeypatch.setattr(engine, "work", full_disk)
+    study = StudyConfig(study="degradation", data="synthetic", seeds=[0], preset="smoke", out=str(tmp_path / "s"),
+                        options={"depths": [8, 14], "shortcut": "A"})
+    with pytest.raises(WriteError) as failed:
+        engine.run_study(study)
+    message = str(failed.value)
+    assert "the disk is full" in message and "resdense train" not in message
+    assert f"run the same `resdense study` command again to continue {tmp_path / 's'}" in message
