@@ -33,9 +33,12 @@ JOB_MEMORY_BYTES = 1 << 30
 def image_too_large(width: int, height: int) -> Optional[str]:
     """Why an image of this size is refused, or ``None``."""
     if width * height > MAX_IMAGE_PIXELS:
-        return (f"{width}x{height} pixels is more than resdense decodes ({MAX_IMAGE_PIXELS:,} pixels, "
-                "8192x8192); shrink the image first")
+        return f"{width}x{height} pixels is {TOO_LARGE}"
     return None
+
+
+# Also said of an image Pillow itself refuses to open for its size (its "decompression bomb" error).
+TOO_LARGE = f"more than resdense decodes ({MAX_IMAGE_PIXELS:,} pixels, 8192x8192); shrink the image first"
 
 
 def check_config_tree(root: Any, source: str) -> None:

@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 
 from .errors import DataError
-from .limits import image_too_large
+from .limits import TOO_LARGE, image_too_large
 
 
 class Predictor:
@@ -48,11 +48,15 @@ class Predictor:
                 if img.size != (self.width, self.height):
                     img = img.resize((self.width, self.height), Image.BILINEAR)
                 arr = np.asarray(img, dtype=np.uint8)
+        except DataError:
+            raise
+        except Image.DecompressionBombError:
+            raise DataError(f"image {path} is {TOO_LARGE}") from None
         except FileNotFoundError:
             raise DataError(f"no such image: {path}") from None
         except IsADirectoryError:
             raise DataError(f"{path} is a folder, not an image file; give image files") from None
-        except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
             raise DataError(f"cannot decode image {path}: {str(e).splitlines()[0][:100]}") from None
         if arr.ndim == 2:
             arr = arr[:, :, None]

@@ -38,7 +38,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from ..errors import ConfigError, DataError
-from ..limits import image_too_large
+from ..limits import TOO_LARGE, image_too_large
 from .download import atomic_write, atomic_write_bytes
 
 log = logging.getLogger(__name__)
@@ -213,7 +213,9 @@ def _header(path: Path) -> tuple[tuple[int, int], str] | str:
             return image_too_large(*im.size) or (im.size, im.mode)
     except UnidentifiedImageError:
         return "not an image file Pillow recognises"
-    except (OSError, ValueError, Image.DecompressionBombError, SyntaxError) as e:
+    except Image.DecompressionBombError:
+        return TOO_LARGE
+    except (OSError, ValueError, SyntaxError) as e:
         return str(e) or type(e).__name__
 
 
@@ -274,7 +276,9 @@ def _decode_one(path: Path, size: tuple[int, int], chans: int) -> np.ndarray | s
             if im.size != (size[1], size[0]):
                 im = im.resize((size[1], size[0]), Image.Resampling.BILINEAR)
             return np.asarray(im, dtype=np.uint8).reshape(size[0], size[1], chans)
-    except (OSError, ValueError, Image.DecompressionBombError, SyntaxError) as e:
+    except Image.DecompressionBombError:
+        return TOO_LARGE
+    except (OSError, ValueError, SyntaxError) as e:
         return str(e) or type(e).__name__
 
 
