@@ -129,3 +129,17 @@ def build_tiny_studies(base: Path) -> Path:
         assert code == 0, err
     (base / "done").write_text("")
     return base
+
+
+def randomise_bn(model: torch.nn.Module, seed: int = 1) -> torch.nn.Module:
+    """Give every BN non-trivial running statistics and affine parameters, as a trained net has,
+    so eval-mode outputs differ from layer to layer and deletions change predictions."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+    return model

@@ -7,6 +7,7 @@ import json
 import math
 
 import pytest
+from conftest import randomise_bn
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -41,20 +42,6 @@ def _batches(n: int = 2, size: int = 16, batch: int = 6, seed: int = 0, classes:
 def _model(name: str, seed: int = 0, **kwargs) -> nn.Module:
     torch.manual_seed(seed)
     return resdense.create_model(name, **kwargs)
-
-
-def _randomise_bn(model: nn.Module, seed: int = 1) -> nn.Module:
-    """Give every BN non-trivial running statistics and affine parameters, as a trained net has,
-    so eval-mode outputs differ from layer to layer and deletions change predictions."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
-                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-                m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-                m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.1)
-    return model
 
 
 def _state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -156,7 +143,7 @@ def test_gradient_norms_reach_frozen_weights_and_refuse_bad_batches():
 
 
 def test_layer_responses_count_and_one_std_by_hand():
-    model = _randomise_bn(_model("cifar_resnet", depth=14))
+    model = randomise_bn(_model("cifar_resnet", depth=14))
     batches = _batches(n=2)
     model.train()
     report = layer_responses(model, batches)
@@ -197,7 +184,7 @@ def test_layer_responses_pre_activation_and_densenet_use_the_conv_output():
 
 
 def test_a_block_with_a_zeroed_branch_lesions_to_the_baseline():
-    model = _randomise_bn(_model("cifar_resnet", depth=14))
+    model = randomise_bn(_model("cifar_resnet", depth=14))
     block = model.layer2[1]
     with torch.no_grad():  # zeroed last BN: the residual branch adds exactly nothing
         block.bn2.weight.zero_()
@@ -219,7 +206,7 @@ def test_a_block_with_a_zeroed_branch_lesions_to_the_baseline():
 
 
 def test_lesion_changes_the_output_of_a_live_block():
-    model = _randomise_bn(_model("cifar_resnet", depth=14)).eval()
+    model = randomise_bn(_model("cifar_resnet", depth=14)).eval()
     x = _batches(n=1)[0][0]
     with torch.no_grad():
         intact = model(x)
@@ -228,7 +215,7 @@ def test_lesion_changes_the_output_of_a_live_block():
 
 
 def test_lesion_leaves_the_model_unchanged_even_after_an_exception():
-    model = _randomise_bn(_model("cifar_resnet", depth=14)).eval()
+    model = randomise_bn(_model("cifar_resnet", depth=14)).eval()
     x = _batches(n=1)[0][0]
     before_state, before_modules = _state(model), [n for n, _ in model.named_modules()]
     with torch.no_grad():
@@ -252,7 +239,7 @@ def test_lesion_leaves_the_model_unchanged_even_after_an_exception():
 
 
 def test_plain_net_marks_shape_changing_blocks_not_removable():
-    model = _randomise_bn(_model("cifar_plain", depth=14))
+    model = randomise_bn(_model("cifar_plain", depth=14))
     report = lesion_study(model, iter(_batches(n=2)), trials=2, seed=3)  # a one-shot iterator is replayed
     removable = {b.name: b.removable for b in report.blocks}
     assert removable == {"layer1.0": True, "layer1.1": True, "layer2.0": False,
@@ -274,7 +261,7 @@ def test_plain_net_marks_shape_changing_blocks_not_removable():
 
 
 def test_random_lesion_is_seeded_and_checks_k():
-    model = _randomise_bn(_model("cifar_resnet", depth=14))
+    model = randomise_bn(_model("cifar_resnet", depth=14))
     batches = _batches(n=1)
     a = lesion_random(model, batches, [1, 3], trials=3, seed=7)
     b = lesion_random(model, batches, [1, 3], trials=3, seed=7)

@@ -7,6 +7,7 @@ import functools
 import io
 
 import pytest
+from conftest import randomise_bn
 import torch
 import torch.nn as nn
 
@@ -308,16 +309,7 @@ TINY_RESIDUAL = [
 
 def _randomised(name: str, **kwargs) -> nn.Module:
     torch.manual_seed(0)
-    model = resdense.create_model(name, **kwargs)
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():  # running statistics and scales as a trained net has them
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
-                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-                m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-                m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.1)
-    return model.eval()
+    return randomise_bn(resdense.create_model(name, **kwargs)).eval()  # running statistics as a trained net has them
 
 
 def _block_inputs(model: nn.Module, x: torch.Tensor) -> list[tuple[ResidualBlock, torch.Tensor]]:
