@@ -135,7 +135,7 @@ def test_the_kind_rules(tmp_path):
     (study / "x").write_text("x")
     with pytest.raises(UserError, match="holds a study, not a training run"):
         outputs.check_writable(study, outputs.RUN)
-    assert outputs.check_writable(study, outputs.OUTPUT, accept=outputs.ANY_KIND) == "study"
+    assert outputs.check_writable(study, outputs.OUTPUT) == "study"
     with pytest.raises(ConfigError, match="is a file"):
         outputs.check_writable(study / "x", outputs.RUN)
 

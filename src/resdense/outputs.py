@@ -35,6 +35,7 @@ class Kind:
     name: str
     noun: str
     owns: tuple[str, ...] = ()
+    into_any: bool = False  # may also go into a folder of any other resdense kind (eval beside a run)
 
 
 RUN = Kind("run", "a training run", (
@@ -43,9 +44,8 @@ RUN = Kind("run", "a training run", (
     "model.onnx", "model.pt", "model.safetensors", ".*.tmp"))
 SEEDS = Kind("seeds", "a set of runs over seeds (train --seeds)", ("seed[0-9]*", "summary.json"))
 STUDY = Kind("study", "a study")
-OUTPUT = Kind("output", "evaluation or analysis output")
+OUTPUT = Kind("output", "evaluation or analysis output", into_any=True)
 KINDS = {k.name: k for k in (RUN, SEEDS, STUDY, OUTPUT)}
-ANY_KIND = tuple(KINDS.values())  # evaluation and analysis outputs may go into any folder resdense made
 
 
 def _entries(folder: Path) -> list[Path]:
@@ -88,8 +88,7 @@ def is_empty(folder: str | Path) -> bool:
     return not folder.exists() or (folder.is_dir() and not _entries(folder))
 
 
-def check_writable(folder: str | Path, kind: Kind, option: str = "--out",
-                   accept: tuple[Kind, ...] = ()) -> Optional[str]:
+def check_writable(folder: str | Path, kind: Kind, option: str = "--out") -> Optional[str]:
     """Refuse, in one line, a folder resdense may not write into as ``kind``; return its current
     kind (``None`` when it is new or empty). Creates nothing: call it before any write."""
     folder = Path(folder)
@@ -101,7 +100,7 @@ def check_writable(folder: str | Path, kind: Kind, option: str = "--out",
     if found is None:
         raise UserError(f"{option} {folder} is not empty and was not made by resdense (it has no {MARKER}); "
                         f"resdense never writes into or deletes such a folder: choose a new or empty {option}")
-    if found != kind.name and found not in {k.name for k in accept}:
+    if found != kind.name and not kind.into_any:
         raise UserError(f"{option} {folder} holds {KINDS[found].noun}, not {kind.noun}; choose another {option}")
     return found
 
@@ -119,9 +118,9 @@ def mark(folder: str | Path, kind: Kind) -> Path:
     return folder
 
 
-def claim(folder: str | Path, kind: Kind, option: str = "--out", accept: tuple[Kind, ...] = ()) -> Path:
+def claim(folder: str | Path, kind: Kind, option: str = "--out") -> Path:
     """:func:`check_writable`, then :func:`mark`: the folder is resdense's to write into."""
-    found = check_writable(folder, kind, option, accept)
+    found = check_writable(folder, kind, option)
     return mark(folder, KINDS[found] if found else kind)
 
 

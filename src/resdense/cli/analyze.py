@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from ..errors import ConfigError
-from ..outputs import ANY_KIND, OUTPUT, claim
+from ..outputs import OUTPUT, claim
 from ._util import positive_int
 
 
@@ -96,7 +96,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         raise ConfigError("reuse needs a trained DenseNet, e.g. `resdense train --model densenet_bc100_k12 ...`")
     # Only now, after the runs are known to load: a mistyped run folder must not be created.
     out = Path(args.out) if args.out else (Path(args.study) / "analysis" if args.study else runs[0] / "analysis")
-    claim(out, OUTPUT, accept=ANY_KIND)
+    claim(out, OUTPUT)
     results: dict[str, list[tuple[Path, Any]]] = {}  # report key -> (run, report) per seed
     depths: dict[str, int] = {}  # report key -> depth of its net: plain and residual twins share a figure
     if args.analysis == "reuse":

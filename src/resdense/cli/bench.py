@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
-from ..outputs import ANY_KIND, OUTPUT, claim
+from ..outputs import OUTPUT, claim
 
 
 def register(sub: Any) -> None:
@@ -39,7 +39,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.threads is not None and args.threads < 1:
         raise ConfigError(f"--threads must be a positive integer; got {args.threads}")
     names = list(ALL) if args.which == "all" else [args.which]
-    claim(args.out, OUTPUT, accept=ANY_KIND)  # JSON rows and figures go only into a folder resdense made
+    claim(args.out, OUTPUT)  # JSON rows and figures go only into a folder resdense made
     opts = BenchOptions(quick=args.quick, out_dir=args.out, device=args.device, compile=args.compile,
                         threads=args.threads, precision=args.precision)
     start = time.perf_counter()

@@ -172,7 +172,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from ..data import load_dataset
     from ..data.loader import TensorLoader
     from ..hardware import resolve_device
-    from ..outputs import ANY_KIND, OUTPUT, check_writable, claim
+    from ..outputs import OUTPUT, check_writable, claim
     from ..plots import plot_confusion
     from .._io import atomic_write_text
     from ..train.checkpoint import load_for_inference
@@ -180,7 +180,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     model, meta = load_for_inference(args.checkpoint)
     out_dir = Path(args.out) if args.out else Path(meta["checkpoint"]).parent.parent
-    check_writable(out_dir, OUTPUT, accept=ANY_KIND)  # before the evaluation: its cost is not wasted
+    check_writable(out_dir, OUTPUT)  # before the evaluation: its cost is not wasted
     device = resolve_device("auto")
     model = model.to(device)
     cfg = meta.get("config", {})
@@ -203,7 +203,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise DataError(f"the {args.split} split of {meta['data']} is empty")
     loader = TensorLoader(data.images, data.labels, 500, mean=meta["mean"], std=meta["std"], device=device)
     res = evaluate(model, loader, device=device, tta_flip=args.tta_flip, num_classes=len(meta["classes"]))
-    claim(out_dir, OUTPUT, accept=ANY_KIND)
+    claim(out_dir, OUTPUT)
     report = {"checkpoint": meta["checkpoint"], "data": splits.name, "split": args.split, "error": res["error"], "accuracy": 1 - res["error"],
               "loss": res["loss"], "n": res["n"], "classes": meta["classes"], "confusion": res["confusion"]}
     atomic_write_text(out_dir / f"eval_{args.split}.json", json.dumps(report, indent=2))

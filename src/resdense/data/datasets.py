@@ -447,43 +447,46 @@ def _check_data_dir(data_dir: str | os.PathLike | None, download: bool) -> None:
                         "(or add --download to fetch them there)")
 
 
-def _resolve(name: str, data_dir: str | os.PathLike | None, download: bool,
-             opts: ReadOptions) -> tuple[str, RawDataset, int | float]:
-    """(canonical name, raw data, default validation size) for a dataset name or folder."""
-    _check_data_dir(data_dir, download)
+def _identify(name: str) -> tuple[DatasetSpec | None, str]:
+    """A named dataset's spec and canonical name, or ``(None, path)`` for an image folder; a name
+    that is neither a registered dataset, an existing folder nor ``folder:PATH`` is refused."""
     key = str(name).strip()
     canonical = _NAMES.get(key.lower())
     if canonical is not None:
-        if opts.image_size is not None or opts.test_ratio is not None:
-            raise ConfigError(f"image_size and test_ratio apply to image folders only, not to {canonical}")
-        spec = DATASETS[canonical]
-        found = locate(spec, data_dir, download=download) if spec.files else {}
-        return canonical, spec.reader(spec, found, opts), spec.default_val
+        return DATASETS[canonical], canonical
     path = key[len(FOLDER_PREFIX):] if key.startswith(FOLDER_PREFIX) else key
     if key.startswith(FOLDER_PREFIX) or Path(path).expanduser().is_dir():
-        if opts.test_ratio is None:
-            opts = ReadOptions(opts.bad_images, opts.image_size, 0.1, opts.cache_root)
-        raw = _read_folder(path, opts)
-        return f"{FOLDER_PREFIX}{raw.source}", raw, FOLDER_DEFAULT_VAL
+        return None, path
     raise DataError(f"unknown dataset {name!r}: choose one of {', '.join(dataset_names())}, "
                     f"or give an image folder (a directory path, or folder:PATH)")
 
 
+def _resolve(name: str, data_dir: str | os.PathLike | None, download: bool,
+             opts: ReadOptions) -> tuple[str, RawDataset, int | float]:
+    """(canonical name, raw data, default validation size) for a dataset name or folder."""
+    _check_data_dir(data_dir, download)
+    spec, where = _identify(name)
+    if spec is not None:
+        if opts.image_size is not None or opts.test_ratio is not None:
+            raise ConfigError(f"image_size and test_ratio apply to image folders only, not to {where}")
+        found = locate(spec, data_dir, download=download) if spec.files else {}
+        return where, spec.reader(spec, found, opts), spec.default_val
+    if opts.test_ratio is None:
+        opts = ReadOptions(opts.bad_images, opts.image_size, 0.1, opts.cache_root)
+    raw = _read_folder(where, opts)
+    return f"{FOLDER_PREFIX}{raw.source}", raw, FOLDER_DEFAULT_VAL
+
+
 def check_available(name: str, data_dir: str | os.PathLike | None = None, *, download: bool = False) -> None:
     """Refuse, in one line, a dataset that cannot be found, reading no image: the check a command
-    makes before it writes anything (a study's folder)."""
+    makes before it writes anything (a study's folder). An image folder is scanned (its class
+    folders and files listed) as loading it would be."""
     _check_data_dir(data_dir, download)
-    key = str(name).strip()
-    canonical = _NAMES.get(key.lower())
-    if canonical is not None:
-        spec = DATASETS[canonical]
-        if spec.files and not download:
-            locate(spec, data_dir)
-        return
-    path = key[len(FOLDER_PREFIX):] if key.startswith(FOLDER_PREFIX) else key
-    if not Path(path).expanduser().is_dir():
-        raise DataError(f"unknown dataset {name!r}: choose one of {', '.join(dataset_names())}, "
-                        f"or give an image folder (a directory path, or folder:PATH)")
+    spec, where = _identify(name)
+    if spec is None:
+        folder.scan_folder(Path(where).expanduser().resolve())
+    elif spec.files and not download:
+        locate(spec, data_dir)
 
 
 def load_dataset(name: str, data_dir: str | os.PathLike | None = None, *, download: bool = False,
