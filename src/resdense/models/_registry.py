@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
+import inspect
+import re
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -113,6 +115,29 @@ def create_model(name: str, **kwargs: Any) -> nn.Module:
         raise UnknownSettingError(name, e.unknown, e.fixed, accepted, e.target) from None
     model.model_name = name
     return model
+
+
+# Sphinx roles (:func:`~a.b`), literals (``x``) and plain back-quotes, kept as their text.
+_ROLE = re.compile(r":\w+:`~?(?:[\w.]*\.)?([^`]+)`")
+_LITERAL = re.compile(r"`{1,2}([^`]+)`{1,2}")
+
+
+def plain_text(doc: str) -> str:
+    """``doc``'s first paragraph as one line of plain text: lines joined, Sphinx markup removed."""
+    paragraph = " ".join(line.strip() for line in doc.strip().split("\n\n")[0].splitlines())
+    return _LITERAL.sub(r"\1", _ROLE.sub(r"\1", paragraph)).strip()
+
+
+def model_description(name: str) -> str:
+    """One plain sentence about model ``name``: its registered function's docstring (first
+    paragraph, without markup), or, where it has none, what its registry entry says."""
+    entry = _REGISTRY.get(name)
+    text = plain_text(inspect.getdoc(entry.fn) or "")
+    if not text:
+        size = "x".join(map(str, entry.input_size))
+        source = f" as in {entry.paper.source}" if entry.paper is not None and entry.paper.source else ""
+        text = f"A {entry.family} network for {size} inputs{source}"
+    return text if text.endswith(".") else text + "."
 
 
 def list_models(pattern: str = "*") -> list[str]:
