@@ -237,8 +237,13 @@ def test_cli_export_model(tmp_path, capsys):
     assert "BN folded" in capsys.readouterr().out and out.exists()
     import onnx
 
-    dims = onnx.load(str(out)).graph.input[0].type.tensor_type.shape.dim
-    assert [d.dim_value for d in dims[1:]] == [1, 28, 28]
+    graph = onnx.load(str(out))
+    dims = graph.graph.input[0].type.tensor_type.shape.dim
+    # Batch, height and width are free (the net pools adaptively to 1x1); the channels are not.
+    assert [d.dim_param or d.dim_value for d in dims] == ["batch", 1, "height", "width"]
+    props = {p.key: json.loads(p.value) for p in graph.metadata_props}
+    assert props == {"model": "cifar_resnet", "input_size": [1, 28, 28], "classes": [str(i) for i in range(10)],
+                     "mean": [0.0], "std": [1.0]}
 
 
 def test_cli_export_user_errors(tmp_path, capsys):
