@@ -98,13 +98,20 @@ def model_entry(name: str) -> ModelEntry:
     return _REGISTRY.get(name)
 
 
-def create_model(name: str, **kwargs: Any) -> nn.Module:
+def create_model(name: str, pretrained: Any = None, **kwargs: Any) -> nn.Module:
     """Build a registered model. Keyword arguments set to ``None`` are dropped, so callers can
     forward optional command-line values without knowing each builder's defaults.
+
+    ``pretrained`` (a run directory, an ``import`` output or an exported ``.safetensors`` file)
+    loads that checkpoint's weights, with its builder arguments under ``kwargs``; a checkpoint of
+    another model is a :class:`~resdense.errors.CheckpointError`. The model keeps what the
+    checkpoint knows in ``pretrained_cfg`` (``classes``, ``mean``, ``std``, ``input_size``).
 
     A setting the model does not take (or that its spec fixes) raises a
     :class:`~resdense.errors.ConfigError` naming the model and the settings it does take."""
     entry = _REGISTRY.get(name)
+    if pretrained is not None:
+        return _create_pretrained(name, pretrained, kwargs)
     try:
         model = entry.fn(**{k: v for k, v in kwargs.items() if v is not None})
     except UnknownSettingError as e:
@@ -138,6 +145,17 @@ def model_description(name: str) -> str:
         source = f" as in {entry.paper.source}" if entry.paper is not None and entry.paper.source else ""
         text = f"A {entry.family} network for {size} inputs{source}"
     return text if text.endswith(".") else text + "."
+
+
+def _create_pretrained(name: str, source: Any, kwargs: dict[str, Any]) -> nn.Module:
+    from ..api import pretrained_weights
+    from ..train.checkpoint import load_weights
+
+    builder_kwargs, weights, meta = pretrained_weights(name, source, kwargs)
+    model = create_model(name, **builder_kwargs)
+    load_weights(model, weights, source=str(source))
+    model.pretrained_cfg = {k: meta.get(k) for k in ("classes", "mean", "std", "input_size")}
+    return model
 
 
 def list_models(pattern: str = "*") -> list[str]:
