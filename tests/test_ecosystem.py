@@ -154,7 +154,7 @@ def _save_with_normalisation(where: str, state: dict, folder: Path) -> tuple[Pat
 
 
 @pytest.mark.parametrize("where", ["wrapper", "buffers", "header", "config.json"])
-def test_import_reads_the_normalisation_where_the_source_stores_it(where, tmp_path, capsys):
+def test_import_reads_the_normalisation_where_the_source_stores_it(where, tmp_path, capsys, one_thread):
     source = _randomise_bn(resdense.create_model("cifar_resnet", depth=8))
     path, named = _save_with_normalisation(where, source.state_dict(), tmp_path)
     run = tmp_path / "run"
@@ -216,7 +216,7 @@ def _probabilities(predictions):
     return [[p for _, p in top] for top in predictions]
 
 
-def test_load_an_import_and_predict_on_tensors_pil_images_and_paths(cifar_import, tmp_path):
+def test_load_an_import_and_predict_on_tensors_pil_images_and_paths(cifar_import, tmp_path, one_thread):
     source, _, run = cifar_import
     model = resdense.load(run)
     assert isinstance(model, resdense.TrainedModel) and not model.training
@@ -295,7 +295,7 @@ def _readme_python() -> list[str]:
 
 
 @needs_fmnist
-def test_the_readme_python_section_runs(tmp_path, monkeypatch):
+def test_the_readme_python_section_runs(tmp_path, monkeypatch, one_thread):
     images, _ = _fashion_mnist(1)  # the first test image of each class, in class order
     Image.fromarray(images[7]).save(tmp_path / "shoe.png")  # a sneaker
     monkeypatch.chdir(tmp_path)

@@ -255,7 +255,7 @@ def test_cli_export_user_errors(tmp_path, capsys):
     assert _files(tmp_path) == []
 
 
-def test_an_exported_onnx_file_predicts_as_its_run(tmp_path, small_model, capsys):
+def test_an_exported_onnx_file_predicts_as_its_run(tmp_path, small_model, capsys, one_thread):
     """export -> predict on the .onnx equals predict on the run; the file carries what predict needs,
     takes other image sizes, and the exported safetensors loads back with resdense.load."""
     import numpy as np
