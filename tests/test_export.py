@@ -299,3 +299,5 @@ def test_an_exported_onnx_file_predicts_as_its_run(tmp_path, small_model, capsys
     assert probs[0] == pytest.approx(probs[1], abs=1e-5)
     with pytest.raises(CheckpointError, match="ONNX file"):
         resdense.load(onnx_file)
+    with pytest.raises(CheckpointError, match="batch norm folded"):
+        resdense.create_model("cifar_resnet", pretrained=st_file)

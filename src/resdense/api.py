@@ -156,6 +156,9 @@ def pretrained_weights(name: str, source: Any, kwargs: Mapping[str, Any]) -> tup
     if meta["model"] != name:
         raise CheckpointError(f"{source} holds {meta['model']} weights, not {name}; "
                               f"use create_model({meta['model']!r}, pretrained=...) or resdense.load({str(source)!r})")
+    if meta.get("folded_bn"):
+        raise CheckpointError(f"{source} holds weights with batch norm folded into the convolutions, which "
+                              f"{name} cannot take; use resdense.load({str(source)!r}) or export without --fold-bn")
     weights = {k: v for k, v in net.state_dict().items()}
     return {**meta.get("model_kwargs", {}), **kwargs}, weights, meta
 
@@ -184,11 +187,16 @@ class TrainResult:
 def train_config(config: Any = None, **settings: Any) -> Any:
     """A :class:`~resdense.train.config.TrainConfig` from ``config`` (a TrainConfig, a mapping of
     its fields, or a YAML/JSON file) and ``settings`` over it: defaults < recipe < config < settings."""
-    from .train.config import TrainConfig, apply_overrides, load_config_file
+    return _resolve(config, settings)[0]
+
+
+def _resolve(config: Any, settings: Mapping[str, Any]) -> tuple[Any, set[str]]:
+    """The config of :func:`train_config`, and the names of the settings the caller chose."""
+    from .train.config import FIELDS, TrainConfig, apply_overrides, load_config_file
     from .train.recipes import recipe
 
-    if isinstance(config, TrainConfig):
-        return apply_overrides(config, settings, "train()")
+    if isinstance(config, TrainConfig):  # every field chosen: a TrainConfig is complete
+        return apply_overrides(config, dict(settings), "train()"), set(FIELDS)
     if isinstance(config, (str, Path)):
         values, source = load_config_file(config), str(config)
     elif config is None or isinstance(config, Mapping):
@@ -197,7 +205,7 @@ def train_config(config: Any = None, **settings: Any) -> Any:
         raise ConfigError(f"train() takes a TrainConfig, a mapping or a config file; got a {type(config).__name__}")
     name = settings.get("recipe") or values.get("recipe") or TrainConfig.recipe
     cfg = apply_overrides(TrainConfig(), {**recipe(name), "recipe": name}, f"recipe {name}")
-    return apply_overrides(apply_overrides(cfg, values, source), settings, "train()")
+    return apply_overrides(apply_overrides(cfg, values, source), dict(settings), "train()"), {*values, *settings}
 
 
 def train(config: Any = None, *, resume: bool = False, overwrite: bool = False, **settings: Any) -> TrainResult:
@@ -210,12 +218,11 @@ def train(config: Any = None, *, resume: bool = False, overwrite: bool = False, 
     from .train.config import apply_overrides
     from .train.runner import train as run_training
 
-    cfg = train_config(config, **settings)
+    cfg, chosen = _resolve(config, settings)
     if cfg.out is None:
         raise ConfigError("train() needs out=RUN_DIR: the folder the run is written to")
-    if not resume:
-        given = "model" in settings or (isinstance(config, Mapping) and "model" in config)
-        cfg = apply_overrides(cfg, finetune.init_model_settings(cfg, given), "init_from")
+    if not resume:  # as the command line: a fine-tune takes its model from init_from unless one is named
+        cfg = apply_overrides(cfg, finetune.init_model_settings(cfg, "model" in chosen), "init_from")
     summary = run_training(cfg, resume=resume, overwrite=overwrite, flag_overrides=settings)
     return TrainResult(Path(cfg.out), cfg, dict(summary or {}))
 
