@@ -82,13 +82,13 @@ def _safetensors_meta(path: Path) -> dict[str, Any]:
     if "resdense" not in header:
         raise CheckpointError(f"{path} holds weights only (no resdense metadata); import it first: "
                               f"resdense import {path} --model NAME --out RUN_DIR")
+    from .train.checkpoint import check_meta
+
     try:
         meta = json.loads(header["resdense"])
-    except ValueError:
-        meta = None
-    if not isinstance(meta, dict) or not isinstance(meta.get("model"), str):
-        raise CheckpointError(f"{path}: its resdense metadata is damaged")
-    return meta
+    except (ValueError, RecursionError):
+        raise CheckpointError(f"{path}: its resdense metadata is damaged") from None
+    return check_meta(meta, path)
 
 
 def _load_export(path: Path) -> tuple[nn.Module, dict[str, Any]]:
