@@ -280,12 +280,13 @@ def test_an_exported_onnx_file_predicts_as_its_run(tmp_path, small_model, capsys
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (24, 20, 3), dtype=np.uint8)).save(image)
     capsys.readouterr()
     tops = []
-    for source in (run, onnx_file):
+    for source in (run, onnx_file, st_file):
         assert run_cli(["predict", "--checkpoint", str(source), "--json", "--top-k", "10", str(image)]) == 0
         tops.append({p["class"]: p["probability"] for p in json.loads(capsys.readouterr().out)[0]["top"]})
     # predict on a run folds BN and runs bf16 where the CPU has it natively; ONNX runs fp32.
     tolerance = 1e-2 if bf16_supported("cpu") else 1e-5
     assert set(tops[0]) == set(classes) and tops[1] == pytest.approx(tops[0], abs=tolerance)
+    assert tops[2] == pytest.approx(tops[0], abs=tolerance)  # the exported safetensors predicts as well
 
     x = torch.randn(1, 3, 20, 12)  # height and width are free in the file
     with torch.no_grad():

@@ -149,12 +149,12 @@ class Predictor:
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: torch.device | str = "cpu") -> "Predictor":
-        """From a run or checkpoint directory, or an ONNX file exported by resdense."""
+        """From a run or checkpoint directory, or a .onnx or .safetensors file exported by resdense."""
         if Path(path).suffix.lower() == ".onnx":
             return cls.from_onnx(path)
-        from .train.checkpoint import load_for_inference
+        from .api import load_checkpoint
 
-        model, meta = load_for_inference(path)
+        model, meta = load_checkpoint(path)
         return cls(model, meta, device)
 
     @classmethod
