@@ -4,12 +4,9 @@ papers' training recipes, and the experiments that show why shortcut connections
 From Python: :func:`create_model` (``pretrained=RUN_DIR`` for trained weights), :func:`load`
 (a trained model that predicts class names), :func:`train` and :func:`run_study`."""
 
-# `resdense.train` names both the training package and the function that trains a run. The package
-# is imported first, so the function bound below is what the name keeps: a submodule imported
-# later (resdense.train.runner) is bound on the package, not on resdense.
-from . import train as _training_package  # noqa: F401
+from . import train  # the training package, callable: resdense.train(config, **settings) trains a run
 from .analysis.complexity import model_info
-from .api import StudyResult, TrainedModel, TrainResult, load, run_study, train
+from .api import StudyResult, TrainedModel, TrainResult, load, run_study
 from .errors import CheckpointError, ConfigError, DataError, UserError
 from .models import create_model, list_models, model_description
 
