@@ -101,33 +101,46 @@ def test_an_array_of_three_tasks_trains_each_run_once_and_ends_with_the_one_proc
     assert "4 runs: 4 done, 0 running, 0 waiting, 0 failed" in status and f"report: {out}/report.html" in status
 
 
-def _running_mid_run(out: Path) -> bool:
+def _running_mid_run(out: Path, not_pid: object = None) -> bool:
     from resdense.studies.status import study_status
 
-    return any(r["state"] == "running" and 0 < r["step"] < r["steps"] for r in study_status(out)["runs"])
+    return any(r["state"] == "running" and 0 < r["step"] < r["steps"] and r["pid"] != not_pid
+               for r in study_status(out)["runs"])
 
 
-def test_a_task_requeued_mid_run_continues_it_to_the_uninterrupted_results(slurm, reference, tmp_path, monkeypatch):
-    out = tmp_path / "study"
-    job = _submit(slurm, monkeypatch, out, "--array-size", "1")
-    task = f"{job}_0"
-    deadline = time.monotonic() + 90
-    while not _running_mid_run(out):
+def _interrupt_mid_run(slurm, out: Path, task: str, command: list[str], deadline: float, not_pid: object = None) -> int:
+    """Wait until ``task`` trains a run past its first epoch, run ``command`` (a signal), wait for the
+    task to be back in the queue and let it start at once; return the pid it had."""
+    from resdense.studies.status import study_status
+
+    while not _running_mid_run(out, not_pid):
         assert time.monotonic() < deadline and slurm.jobs(), slurm.jobs()
         time.sleep(0.1)
-    assert slurm.run("scontrol", "requeue", task).returncode == 0
+    pid = next(r["pid"] for r in study_status(out)["runs"] if r["state"] == "running")
+    assert slurm.run(*command).returncode == 0
     while not any(line.startswith(task) and "PENDING" in line for line in slurm.jobs()):
         assert time.monotonic() < deadline, slurm.jobs()
         time.sleep(0.2)
     # Slurm holds a requeued job back for two minutes (BeginTime); the test does not wait for that.
     slurm.run("scontrol", "update", f"jobid={task}", "starttime=now", check=True)
+    return pid
+
+
+def test_a_task_requeued_mid_run_continues_it_to_the_uninterrupted_results(slurm, reference, tmp_path, monkeypatch):
+    """First the time-limit warning (USR1 to the batch shell, as --signal=B:USR1@N sends it): the
+    worker checkpoints and requeues its task; then `scontrol requeue`: it checkpoints, Slurm requeues."""
+    out = tmp_path / "study"
+    job = _submit(slurm, monkeypatch, out, "--array-size", "1")
+    task, deadline = f"{job}_0", time.monotonic() + 150
+    pid = _interrupt_mid_run(slurm, out, task, ["scancel", "--batch", "--signal=USR1", task], deadline)
+    _interrupt_mid_run(slurm, out, task, ["scontrol", "requeue", task], deadline, not_pid=pid)
     slurm.wait_done(job, timeout=120)
-    shown = slurm.run("scontrol", "show", "job", task).stdout
-    assert "Restarts=1" in shown
+    assert "Restarts=2" in slurm.run("scontrol", "show", "job", task).stdout
     logs = _logs(out)
-    assert "stopped by SIGTERM" in logs and "not requeued by resdense" in logs
+    assert "stopped by SIGUSR1" in logs and logs.count(f"requeued Slurm job {job}") == 1  # by the worker, on USR1
+    assert "stopped by SIGTERM" in logs  # scontrol requeue: Slurm requeued it
     resumed = re.findall(r"(\S+): resuming", logs)
-    assert len(resumed) == 1 and resumed[0] in RUNS, logs[-3000:]
+    assert len(resumed) == 2 and set(resumed) <= set(RUNS), logs[-3000:]
     assert _table(out) == reference
 
 

@@ -75,7 +75,7 @@ def _add_slurm_flags(s: Any) -> None:
     g.add_argument("--throttle", type=int_between(1, MAX_TASKS), metavar="N",
                    help="at most N tasks at once (--array=...%%N; default 16)")
     g.add_argument("--signal-lead", type=int_between(*SIGNAL_LEAD_S), metavar="SECONDS",
-                   help="SIGTERM each task this long before its time limit: it checkpoints and requeues (default 120)")
+                   help="SIGUSR1 each task this long before its time limit: it checkpoints and requeues (default 120)")
     g.add_argument("--sbatch-arg", action="append", metavar="=--OPTION=VALUE",
                    help="one more sbatch option, with '=' (e.g. --sbatch-arg=--account=abc); repeatable")
     # What the sbatch script runs: requeue on SIGTERM, torch threads from SLURM_CPUS_PER_TASK.
@@ -134,7 +134,9 @@ def cmd_study(args: argparse.Namespace) -> int:
         result = run_study(study, jobs=args.jobs, retries=args.retries,
                            threads=int(threads) if threads and threads.isdigit() else None, report_once=args.slurm_worker)
     except KeyboardInterrupt as e:
-        if not (args.slurm_worker and getattr(e, "exit_code", 0) == 128 + signal.SIGTERM):
+        # SIGUSR1 is the time-limit warning of the sbatch script: come back and continue. SIGTERM
+        # (scancel, preemption, scontrol requeue) leaves the decision to Slurm.
+        if not (args.slurm_worker and getattr(e, "exit_code", 0) == 128 + signal.SIGUSR1):
             raise
         from ..studies.slurm import requeue_self
 

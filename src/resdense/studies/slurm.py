@@ -4,10 +4,11 @@
 writes ``STUDY/slurm.sbatch`` (kept: a user can read it and resubmit it with ``sbatch``) and
 submits it. Each array task runs the same ``resdense study`` command on the shared folder; the
 run locks split the runs between the tasks (see :mod:`.engine`). The worker replaces the batch
-shell (``exec``), so it is the process Slurm signals: on SIGTERM (``--signal=B:TERM@N`` before
-the time limit, a preemption, ``scontrol requeue``) it checkpoints its run at the step and, where
-Slurm has not already requeued the task, requeues it itself (:func:`requeue_self`); the task's
-next start continues that run from the checkpoint.
+shell (``exec``), so it is the process Slurm signals. SIGUSR1 (``--signal=B:USR1@N``, N seconds
+before the time limit): it checkpoints its run at the step and requeues its task itself
+(:func:`requeue_self`). SIGTERM (``scancel``, a preemption, ``scontrol requeue``): it checkpoints
+and leaves the rest to Slurm, which requeues a preempted or requeued task and ends a cancelled one.
+Either way the task's next start continues that run from the checkpoint.
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ class SlurmOptions:
     gpus_per_task: int = 0
     tasks: Optional[int] = None             # array size; default one per unfinished run
     throttle: int = 16                      # at most this many tasks at once (--array=...%N)
-    signal_lead: int = 120                  # SIGTERM this many seconds before the time limit
+    signal_lead: int = 120                  # SIGUSR1 this many seconds before the time limit
     retries: int = 2                        # a failed run is retried this many times, then reported
     sbatch_args: tuple[str, ...] = field(default_factory=tuple)
 
@@ -102,15 +103,16 @@ def script_text(study: StudyConfig, opts: SlurmOptions, command: list[str], task
              f"#SBATCH --output={out / LOGS}/%A_%a.out",
              "#SBATCH --open-mode=append",
              "#SBATCH --requeue",
-             f"#SBATCH --signal=B:TERM@{opts.signal_lead}",
+             f"#SBATCH --signal=B:USR1@{opts.signal_lead}",
              "#SBATCH --ntasks=1",
              f"#SBATCH --cpus-per-task={opts.cpus_per_task}"]
     lines += [f"#SBATCH --partition={opts.partition}"] * (opts.partition is not None)
     lines += [f"#SBATCH --time={opts.time}"] * (opts.time is not None)
     lines += [f"#SBATCH --gpus-per-task={opts.gpus_per_task}"] * (opts.gpus_per_task > 0)
     lines += [f"#SBATCH {arg}" for arg in opts.sbatch_args]
-    lines += ["", "# exec: the worker is the batch shell's process, the one Slurm signals (B:TERM): it then",
-              "# checkpoints its run at the step and requeues this task.",
+    lines += ["", "# exec: the worker is the batch shell's process, the one Slurm signals: on USR1 (the time",
+              "# limit is near) it checkpoints its run at the step and requeues this task; on TERM",
+              "# (scancel, preemption, scontrol requeue) it checkpoints and Slurm decides.",
               "exec " + " ".join(shlex.quote(w) for w in command), ""]
     return "\n".join(lines)
 
@@ -168,9 +170,8 @@ def submissions(out: Path) -> list[dict]:
 
 
 def requeue_self(log: Log) -> None:
-    """Inside a Slurm job stopped by SIGTERM: put this task back in the queue so that it continues
-    its run. Where Slurm itself is requeueing or cancelling the job (a preemption, ``scontrol
-    requeue``, ``scancel``), it refuses, and that is what should happen: it is said and left."""
+    """Inside a Slurm job stopped by its time-limit warning (SIGUSR1): put this task back in the
+    queue so that it continues its run; a refusal is said and left to Slurm."""
     job = os.environ.get("SLURM_JOB_ID")
     scontrol = shutil.which("scontrol")
     if not job or scontrol is None:
