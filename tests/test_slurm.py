@@ -23,7 +23,7 @@ from resdense.studies import engine
 from resdense.studies.slurm import LOGS, SCRIPT
 from resdense.train import checkpoint as ckpt
 from resdense.train import runner
-from resdense.train.config import TrainConfig, apply_overrides
+from resdense.runlock import owner
 from resdense.train.distributed import launch_env
 from slurm_cluster import SlurmCluster, unavailable
 
@@ -101,29 +101,31 @@ def test_an_array_of_three_tasks_trains_each_run_once_and_ends_with_the_one_proc
     assert "4 runs: 4 done, 0 running, 0 waiting, 0 failed" in status and f"report: {out}/report.html" in status
 
 
-def _running_mid_run(out: Path, not_pid: object = None) -> bool:
-    from resdense.studies.status import study_status
+def _mid_run(out: Path, skip: tuple = ()) -> object:
+    """The run (not one of ``skip``) a process trains past its first epoch of two, or None."""
+    for name in RUNS:
+        run_dir, holder = out / name, owner(out / name)
+        metrics = run_dir / "metrics.jsonl"
+        if name not in skip and holder and metrics.is_file() and len(metrics.read_text().splitlines()) == 1 \
+                and not engine.finished(run_dir):
+            return name
+    return None
 
-    return any(r["state"] == "running" and 0 < r["step"] < r["steps"] and r["pid"] != not_pid
-               for r in study_status(out)["runs"])
 
-
-def _interrupt_mid_run(slurm, out: Path, task: str, command: list[str], deadline: float, not_pid: object = None) -> int:
+def _interrupt_mid_run(slurm, out: Path, task: str, command: list[str], deadline: float, skip: tuple = ()) -> str:
     """Wait until ``task`` trains a run past its first epoch, run ``command`` (a signal), wait for the
-    task to be back in the queue and let it start at once; return the pid it had."""
-    from resdense.studies.status import study_status
-
-    while not _running_mid_run(out, not_pid):
+    task to be back in the queue and let it start at once; return the run it interrupted."""
+    while _mid_run(out, skip) is None:
         assert time.monotonic() < deadline and slurm.jobs(), slurm.jobs()
-        time.sleep(0.1)
-    pid = next(r["pid"] for r in study_status(out)["runs"] if r["state"] == "running")
+        time.sleep(0.05)
+    run = _mid_run(out, skip)
     assert slurm.run(*command).returncode == 0
     while not any(line.startswith(task) and "PENDING" in line for line in slurm.jobs()):
         assert time.monotonic() < deadline, slurm.jobs()
         time.sleep(0.2)
     # Slurm holds a requeued job back for two minutes (BeginTime); the test does not wait for that.
     slurm.run("scontrol", "update", f"jobid={task}", "starttime=now", check=True)
-    return pid
+    return run
 
 
 def test_a_task_requeued_mid_run_continues_it_to_the_uninterrupted_results(slurm, reference, tmp_path, monkeypatch):
@@ -132,37 +134,31 @@ def test_a_task_requeued_mid_run_continues_it_to_the_uninterrupted_results(slurm
     out = tmp_path / "study"
     job = _submit(slurm, monkeypatch, out, "--array-size", "1")
     task, deadline = f"{job}_0", time.monotonic() + 150
-    pid = _interrupt_mid_run(slurm, out, task, ["scancel", "--batch", "--signal=USR1", task], deadline)
-    _interrupt_mid_run(slurm, out, task, ["scontrol", "requeue", task], deadline, not_pid=pid)
+    first = _interrupt_mid_run(slurm, out, task, ["scancel", "--batch", "--signal=USR1", task], deadline)
+    # Another run: the resumed one may still be starting (no handler yet: SIGTERM would just end it).
+    second = _interrupt_mid_run(slurm, out, task, ["scontrol", "requeue", task], deadline, skip=(first,))
     slurm.wait_done(job, timeout=120)
     assert "Restarts=2" in slurm.run("scontrol", "show", "job", task).stdout
     logs = _logs(out)
     assert "stopped by SIGUSR1" in logs and logs.count(f"requeued Slurm job {job}") == 1  # by the worker, on USR1
     assert "stopped by SIGTERM" in logs  # scontrol requeue: Slurm requeued it
-    resumed = re.findall(r"(\S+): resuming", logs)
-    assert len(resumed) == 2 and set(resumed) <= set(RUNS), logs[-3000:]
+    assert re.findall(r"(\S+): resuming", logs) == [first, second], logs[-3000:]
     assert _table(out) == reference
 
 
 def test_srun_two_tasks_train_as_two_gloo_ranks_matching_one_process(slurm, tmp_path):
-    from test_distributed import ARGS, _reference_weights
+    from test_distributed import ARGS, _reference_weights, reference_config
 
+    args = [*ARGS[:ARGS.index("--epochs")], "--epochs", "1", *ARGS[ARGS.index("--epochs") + 2:]]  # one epoch will do
     run = tmp_path / "ddp"
-    proc = slurm.run("srun", "--ntasks=2", "--cpus-per-task=1", sys.executable, "-m", "resdense", "train", *ARGS,
+    proc = slurm.run("srun", "--ntasks=2", "--cpus-per-task=1", sys.executable, "-m", "resdense", "train", *args,
                      "--out", str(run), timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    assert proc.stdout.count("epoch 2/2") == 1  # only rank 0 logs
-    cfg = apply_overrides(TrainConfig(), {
-        "model": "cifar_resnet", "model_kwargs": {"depth": 8}, "data": "synthetic", "epochs": 2, "batch_size": 64,
-        "train_subset": 256, "lr": 0.05, "schedule": "cosine", "warmup": 0.2, "label_smoothing": 0.1,
-        **{k: v for k, v in __import__("resdense.train.recipes", fromlist=["recipe"]).recipe("quick").items()
-           if k in ("momentum", "nesterov", "weight_decay", "decay_norm_and_bias", "pad", "flip", "min_scale",
-                    "resize_ramp", "resize_step")},
-    }, "test")
+    assert proc.stdout.count("epoch 1/1") == 1  # only rank 0 logs
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        reference = _reference_weights(cfg)
+        reference = _reference_weights(reference_config(epochs=1))
     finally:
         torch.set_num_threads(threads)
     ddp = ckpt.read_weights(run / "last")
