@@ -9,7 +9,9 @@ from __future__ import annotations
 import errno
 import fcntl
 import json
+import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -221,6 +223,30 @@ def test_a_failing_run_is_retried_then_reported_failed_and_the_others_finish(tmp
     code, status, _ = run_cli(["study", "status", str(out)])
     assert "3 done, 0 running, 0 waiting, 1 failed" in status
     assert "failed   resnet8-seed0: 2 attempts, last: RuntimeError: simulated crash" in status
+
+
+def test_a_worker_signalled_outside_training_stops_in_one_line_with_the_signals_exit_code(tmp_path, monkeypatch):
+    """The time-limit warning between two runs (or while one starts) ends the worker as a stop,
+    exit 128 + SIGUSR1, so the task is requeued, instead of USR1's default: killed, not requeued."""
+    real = runner.train
+
+    def signalled_first(cfg, **kwargs):
+        if Path(cfg.out).name == "resnet8-seed0":  # the second run, before its training loop
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return real(cfg, **kwargs)
+
+    monkeypatch.setattr(runner, "train", signalled_first)
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)  # nothing to requeue here
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGUSR1, signal.SIGTERM)}
+    try:
+        code, stdout, err = run_cli([*STUDY, "--set", "train_subset=16", "--set", "epochs=1", "--slurm-worker",
+                                     "--out", str(tmp_path / "s")])
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    assert code == 128 + signal.SIGUSR1 and "stopped by SIGUSR1 outside a run's training" in err, err
+    assert (tmp_path / "s" / "plain8-seed0" / "summary.json").is_file()
+    assert not (tmp_path / "s" / "resnet8-seed0" / "config.json").exists()
 
 
 def test_srun_environment_gives_rank_world_size_and_rendezvous():

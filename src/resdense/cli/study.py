@@ -130,6 +130,8 @@ def cmd_study(args: argparse.Namespace) -> int:
     if args.slurm:
         return _submit(args, spec, study)
     threads = os.environ.get("SLURM_CPUS_PER_TASK") if args.slurm_worker else None
+    if args.slurm_worker:
+        _stop_between_runs()
     try:
         result = run_study(study, jobs=args.jobs, retries=args.retries,
                            threads=int(threads) if threads and threads.isdigit() else None, report_once=args.slurm_worker)
@@ -151,6 +153,20 @@ def cmd_study(args: argparse.Namespace) -> int:
               f"({', '.join(result['failed'])}); no report: see `resdense study status {args.out}`", file=sys.stderr)
         return 1
     return 0
+
+
+def _stop_between_runs() -> None:
+    """A Slurm worker's signals outside a run's training loop (starting, between runs, writing the
+    report), where their default action would end the task unrequeued: stop there, as Ctrl-C would
+    (a run's own handler takes over while it trains, and checkpoints at the step)."""
+    from ..train.stop import TrainingStopped, signal_name
+
+    def stop(signum: int, frame: Any) -> None:
+        raise TrainingStopped(f"stopped by {signal_name(signum)} outside a run's training (nothing to checkpoint)",
+                              signum)
+
+    for sig in (signal.SIGUSR1, signal.SIGTERM):
+        signal.signal(sig, stop)
 
 
 def _submit(args: argparse.Namespace, spec: Any, study: Any) -> int:

@@ -90,7 +90,7 @@ def status_lines(status: dict[str, Any]) -> list[str]:
         lines.append(f"about {_clock(status['left_s'])} left at {max(c['running'], 1)} run(s) at a time "
                      "(from the speed of the steps trained so far)")
     for job in status["jobs"][-3:]:
-        lines.append(f"Slurm job {job['job']}: {job['tasks']} tasks, submitted "
+        lines.append(f"Slurm job {job['job']}: {job['tasks']} task{'s' * (job['tasks'] != 1)}, submitted "
                      f"{time.strftime('%Y-%m-%d %H:%M', time.localtime(job['submitted']))}; logs {out}/{LOGS}/{job['job']}_*.out")
     lines.append(f"report: {status['report']}" if status["report"] else
                  "report: not written yet (the worker that finishes the last run writes it)")
