@@ -249,6 +249,11 @@ def test_a_worker_signalled_outside_training_stops_in_one_line_with_the_signals_
     assert not (tmp_path / "s" / "resnet8-seed0" / "config.json").exists()
 
 
+def test_status_of_a_folder_that_is_not_a_study_is_one_line(tmp_path):
+    code, _, err = run_cli(["study", "status", str(tmp_path)])
+    assert code == 2 and "is not a study folder" in err and len(err.strip().splitlines()) == 1
+
+
 def test_srun_environment_gives_rank_world_size_and_rendezvous():
     env = {"SLURM_STEP_NUM_TASKS": "4", "SLURM_PROCID": "3", "SLURM_LOCALID": "1", "SLURM_STEP_NUM_NODES": "2",
            "SLURM_STEP_NODELIST": "gpu[07-08]", "SLURM_JOB_ID": "12", "SLURM_STEP_ID": "0", "PATH": ""}
