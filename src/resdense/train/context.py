@@ -68,12 +68,16 @@ class RunContext:
     rank: int = 0
 
 
+def drop_rate(cfg: TrainConfig) -> Optional[float]:
+    """The dropout rate the run's settings give the model builder (None: the model's own)."""
+    return cfg.drop_rate if cfg.drop_rate is not None else (cfg.drop_rate_without_augment if not cfg.augment else None)
+
+
 def _model_kwargs(cfg: TrainConfig, splits: Any) -> dict[str, Any]:
     kwargs = dict(cfg.model_kwargs)
     kwargs.setdefault("num_classes", splits.num_classes)
     kwargs.setdefault("in_chans", splits.in_chans)
-    drop = cfg.drop_rate if cfg.drop_rate is not None else (
-        cfg.drop_rate_without_augment if not cfg.augment else None)
+    drop = drop_rate(cfg)
     if drop is not None:
         kwargs.setdefault("drop_rate", drop)
     return kwargs

@@ -141,15 +141,22 @@ class Trainer:
             log(finetune.initialise(self.ctx.model, cfg, self.ctx.splits.classes))
         self._begin()
 
-    def run_epoch(self) -> EpochResult:
-        """Train the next epoch (a resumed one from where its checkpoint was taken) and validate it."""
+    def start_epoch(self) -> tuple[EpochResult, EpochProgress]:
+        """The next epoch's result to fill (its clock and image size) and where its training starts
+        (a resumed epoch: where its checkpoint was taken)."""
         state, ctx, cfg = self.state, self.ctx, self.cfg
         size = train_image_size(state.epoch, self.total_epochs, tuple(ctx.splits.image_size),
                                 short_run_min_scale(cfg, ctx.total_steps), cfg.resize_ramp, cfg.resize_step)
         resumed, state.position = state.position, None
         result = EpochResult(time.perf_counter() - (resumed.epoch_time if resumed else 0.0), size)
+        return result, resumed.progress if resumed else EpochProgress()
+
+    def run_epoch(self) -> EpochResult:
+        """Train the next epoch (a resumed one from where its checkpoint was taken) and validate it."""
+        state = self.state
+        result, progress = self.start_epoch()
         with self._bar() as bar:
-            result.stats = self._train(result, resumed.progress if resumed else EpochProgress(), bar)
+            result.stats = self._train(result, progress, bar)
         if result.stats is None:
             result.diverged = state.diverged
             return result

@@ -1,0 +1,178 @@
+"""Fused multi-seed training equals separate runs.
+
+The K copies are compared with K separate runs of the same settings: every weight and batch-norm
+statistic, the momentum buffers, the metrics rows, the training curve and the summary.
+Training these tiny nets is chaotic at the start: two separate fp32 runs that differ only in
+their memory format (channels-last or not) were measured 0.028 apart in some weight after 24
+steps at lr 0.02 (see the README), as far as fused and separate are. So the long comparisons
+run in float64 (where the copies stay within 1e-8 of their separate runs: a wrong data order, momentum or BN statistic is off by far more), and one short fp32 comparison holds
+the fp32 path to fp32 tolerance while rounding has not yet grown.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from resdense.train import checkpoint as ckpt
+from resdense.train.config import TrainConfig, apply_overrides
+from resdense.train.fused import fuse_key, fuse_refusal, train_fused
+from resdense.train.runner import train
+
+SEEDS = (0, 1, 2)
+TIMING = {"images_per_s", "epoch_time", "wall_time"}
+
+# Each family with settings that exercise another corner of the fused step.
+FAMILIES = {
+    "resnet-A": ("cifar_resnet", {"depth": 8}, {"grad_clip": 0.5, "nesterov": True}),
+    "resnet-B": ("cifar_resnet", {"depth": 8, "shortcut": "B"},
+                 {"warmup_lr": 0.01, "warmup_until_error": 0.85, "label_smoothing": 0.1}),
+    "plain": ("cifar_plain", {"depth": 8}, {"decay_norm_and_bias": False, "curve_every": 3}),
+    "densenet-bc": ("cifar_densenet", {"depth": 10, "growth_rate": 4, "bc": True}, {"channels_last": False}),
+}
+
+
+def _cfg(out: Path, seed: int, model: str, kwargs: dict, extra: dict) -> TrainConfig:
+    values = dict(model=model, model_kwargs=kwargs, data="synthetic", epochs=2, batch_size=16, train_subset=96,
+                  val_size=32, eval_batch_size=128, test_subset=32, lr=0.05, eval_train=True, progress=False,
+                  precision="fp32", threads=1, seed=seed, tensorboard=False, curve_every=4, out=str(out))
+    return apply_overrides(TrainConfig(), {**values, **extra}, "test")
+
+
+@pytest.fixture
+def float64():
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(before)
+
+
+def _quiet(fn, *args, **kwargs):
+    with contextlib.redirect_stdout(io.StringIO()):
+        return fn(*args, **kwargs)
+
+
+def _rows(path: Path) -> list[dict]:
+    return [{k: v for k, v in json.loads(line).items() if k not in TIMING} for line in path.read_text().splitlines()]
+
+
+def _close(a, b, rtol: float, atol: float, what: str) -> None:
+    if isinstance(a, dict):
+        assert a.keys() == b.keys(), what
+        for k in a:
+            _close(a[k], b[k], rtol, atol, f"{what}.{k}")
+    elif isinstance(a, list):
+        assert len(a) == len(b), what
+        for i, (x, y) in enumerate(zip(a, b)):
+            _close(x, y, rtol, atol, f"{what}[{i}]")
+    elif isinstance(a, float) and not (math.isnan(a) and math.isnan(b)):
+        assert a == pytest.approx(b, rel=rtol, abs=atol), what
+    elif not isinstance(a, float):
+        assert a == b, what
+
+
+def assert_same_run(alone: Path, fused: Path, rtol: float, atol: float) -> None:
+    """Two run folders hold the same run: weights and BN statistics, momentum, RNG, metrics, curve, summary."""
+    a, b = ckpt.read_weights((alone / "last").resolve()), ckpt.read_weights((fused / "last").resolve())
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=rtol, atol=atol, equal_nan=True, msg=lambda m: f"{name}: {m}")
+    sa, sb = (ckpt.read_state((d / "last").resolve()) for d in (alone, fused))
+    for key, state in sa["optimizer"]["state"].items():
+        torch.testing.assert_close(sb["optimizer"]["state"][key]["momentum_buffer"], state["momentum_buffer"],
+                                   rtol=rtol, atol=atol)
+    assert [g["lr"] for g in sb["optimizer"]["param_groups"]] == [g["lr"] for g in sa["optimizer"]["param_groups"]]
+    assert torch.equal(sa["rng"]["torch"], sb["rng"]["torch"])  # the global RNG as its separate run left it
+    assert (sa["step"], sa["epoch"], sa["warmup_done"]) == (sb["step"], sb["epoch"], sb["warmup_done"])
+    _close(_rows(alone / "metrics.jsonl"), _rows(fused / "metrics.jsonl"), rtol, atol, "metrics")
+    _close(_rows(alone / "curve.jsonl"), _rows(fused / "curve.jsonl"), rtol, atol, "curve")
+    sum_a, sum_b = (json.loads((d / "summary.json").read_text()) for d in (alone, fused))
+    for d in (sum_a, sum_b):
+        for key in ("wall_time", "images_per_s", "config"):
+            d.pop(key)
+    _close(sum_a, sum_b, rtol, atol, "summary")
+
+
+def _both(tmp_path: Path, model: str, kwargs: dict, extra: dict, seeds=SEEDS) -> None:
+    for s in seeds:
+        _quiet(train, _cfg(tmp_path / f"alone{s}", s, model, kwargs, extra))
+    summaries = _quiet(train_fused, [_cfg(tmp_path / f"fused{s}", s, model, kwargs, extra) for s in seeds])
+    assert [r["seed"] for r in summaries] == list(seeds)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_fused_copies_equal_separate_runs_in_float64(family, tmp_path, float64):
+    model, kwargs, extra = FAMILIES[family]
+    _both(tmp_path, model, kwargs, extra)
+    for s in SEEDS:
+        assert_same_run(tmp_path / f"alone{s}", tmp_path / f"fused{s}", rtol=1e-6, atol=1e-8)
+    if "warmup_lr" in extra:  # some copies left the warm-up, some did not: the copies stepped at their own lr
+        first = [json.loads((tmp_path / f"fused{s}" / "curve.jsonl").read_text().splitlines()[0]) for s in SEEDS]
+        assert len({p["lr"] for p in first}) > 1
+
+
+def test_fused_copies_equal_separate_runs_in_fp32_while_rounding_is_small(tmp_path):
+    model, kwargs, extra = FAMILIES["plain"]
+    _both(tmp_path, model, kwargs, {**extra, "epochs": None, "iterations": 2})
+    for s in SEEDS:
+        assert_same_run(tmp_path / f"alone{s}", tmp_path / f"fused{s}", rtol=1e-5, atol=1e-5)
+
+
+def test_a_diverging_copy_ends_as_its_separate_run_while_the_others_go_on(tmp_path, float64, monkeypatch):
+    from resdense.data.loader import TensorLoader
+
+    iterate = TensorLoader.__iter__
+
+    def poisoned(self):  # seed 1's training batch 3 of epoch 2 is NaN: its loss is not finite there
+        for i, (x, y) in enumerate(iterate(self)):
+            yield (x * math.nan if (self.shuffle, self.seed, self.epoch, i) == (True, 1, 1, 2) else x), y
+
+    monkeypatch.setattr(TensorLoader, "__iter__", poisoned)
+    model, kwargs, extra = FAMILIES["plain"]
+    _both(tmp_path, model, kwargs, {**extra, "on_divergence": "finish"})
+    summaries = [json.loads((tmp_path / f"fused{s}" / "summary.json").read_text()) for s in SEEDS]
+    assert [s.get("diverged", "")[:29] for s in summaries] == ["", "the loss became nan at step 8", ""]
+    assert [s["steps"] for s in summaries] == [12, 8, 12]
+    for s in SEEDS:
+        assert_same_run(tmp_path / f"alone{s}", tmp_path / f"fused{s}", rtol=1e-6, atol=1e-8)
+
+
+def test_fused_runs_stopped_inside_an_epoch_resume_as_separate_runs(tmp_path, float64, monkeypatch):
+    from resdense.train.stop import StopFlag, TrainingStopped
+
+    model, kwargs, extra = FAMILIES["plain"]
+    seeds = (0, 1)
+    for s in seeds:
+        _quiet(train, _cfg(tmp_path / f"alone{s}", s, model, kwargs, extra))
+    calls = {"n": 0}
+
+    def signal_at_the_tenth_step(self):
+        calls["n"] += 1
+        if calls["n"] >= 10:
+            self.signum = self._agreed = 15
+        return calls["n"] >= 10
+
+    with monkeypatch.context() as mp:
+        mp.setattr(StopFlag, "requested", signal_at_the_tenth_step)
+        with pytest.raises(TrainingStopped, match="2 fused runs"):
+            _quiet(train_fused, [_cfg(tmp_path / f"fused{s}", s, model, kwargs, extra) for s in seeds])
+    for s in seeds:  # resumed one by one, without fusing: the checkpoints are ordinary ones
+        assert (tmp_path / f"fused{s}" / "last").resolve().name == "step-0000009"  # inside epoch 2 (6 steps each)
+        _quiet(train, _cfg(tmp_path / f"fused{s}", s, model, kwargs, extra), resume=True)
+        assert_same_run(tmp_path / f"alone{s}", tmp_path / f"fused{s}", rtol=1e-6, atol=1e-8)
+
+
+def test_fuse_key_and_refusals():
+    base = _cfg(Path("x"), 0, "cifar_resnet", {"depth": 8}, {})
+    assert fuse_key(base) == fuse_key(apply_overrides(base, {"seed": 3, "out": "y"}, "t"))
+    assert fuse_key(base) != fuse_key(apply_overrides(base, {"lr": 0.2}, "t"))
+    assert fuse_refusal(base) is None
+    assert "dropout" in fuse_refusal(apply_overrides(base, {"model": "cifar_densenet", "model_kwargs": {"depth": 10},
+                                                           "drop_rate": 0.2}, "t"))
+    assert "compile" in fuse_refusal(apply_overrides(base, {"compile": True}, "t"))
