@@ -176,3 +176,28 @@ def test_fuse_key_and_refusals():
     assert "dropout" in fuse_refusal(apply_overrides(base, {"model": "cifar_densenet", "model_kwargs": {"depth": 10},
                                                            "drop_rate": 0.2}, "t"))
     assert "compile" in fuse_refusal(apply_overrides(base, {"compile": True}, "t"))
+
+
+def test_a_smoke_study_gives_the_same_table_fused_and_unfused(tmp_path):
+    from conftest import run_cli
+
+    args = ["study", "degradation", "--data", "synthetic", "--preset", "smoke", "--seeds", "0,1", "--depths", "8,14",
+            "--set", "precision=fp32", "--set", "threads=1"]
+    code, fused_out, err = run_cli([*args, "--fuse-seeds", "--out", str(tmp_path / "fused")])
+    assert code == 0, err
+    assert "seeds fused" in fused_out and "fused (pid" in fused_out and "gains little" in fused_out
+    code, alone_out, err = run_cli([*args, "--no-fuse-seeds", "--out", str(tmp_path / "alone")])
+    assert code == 0, err
+    assert "fused" not in alone_out
+
+    def table(out: str) -> list[str]:
+        return [line for line in out.splitlines() if line.startswith(("group ", "plain-", "resnet-"))]
+
+    assert table(fused_out) == table(alone_out) and len(table(alone_out)) == 5
+    rows = {}
+    for kind in ("fused", "alone"):
+        rows[kind] = sorted((json.loads(line) for line in (tmp_path / kind / "results.jsonl").read_text().splitlines()),
+                            key=lambda r: (r["group"], r["seed"]))
+    for a, b in zip(rows["alone"], rows["fused"]):
+        for key in ("train_error", "val_error", "test_error"):
+            assert a[key] == pytest.approx(b[key], abs=1e-9), (a["group"], key)

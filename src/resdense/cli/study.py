@@ -35,6 +35,9 @@ def register(sub: Any) -> None:
         s.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a training setting of every run")
         s.add_argument("--jobs", type=positive_int, default=1, metavar="N",
                        help="train N runs at once (CPU threads divided among them; one run per GPU where there are several)")
+        s.add_argument("--fuse-seeds", action=argparse.BooleanOptionalAction, default=None,
+                       help="train each arm's seeds as one model, written as separate runs with their results "
+                            "(default: on CUDA, where it is faster; off on a CPU)")
         s.add_argument("--out", required=True, metavar="STUDY_DIR")
         s.set_defaults(func=cmd_study, spec=spec.name)
 
@@ -85,7 +88,7 @@ def cmd_study(args: argparse.Namespace) -> int:
     options = {name: getattr(args, name) for name in spec.default_options}
     study = StudyConfig(study=spec.name, data=args.data, data_dir=args.data_dir, seeds=args.seeds, preset=args.preset,
                         out=args.out, options=options, overrides=parse_overrides(args.set, "--set", "lr=0.05"))
-    result = run_study(study, jobs=args.jobs)
+    result = run_study(study, jobs=args.jobs, fuse=args.fuse_seeds)
     if result["report"] is not None:
         _print_summary(result["report"], args.out)
     return 0

@@ -75,16 +75,29 @@ def _train_run(run: RunSpec, lock: RunLock, quiet: bool) -> None:
             train(run.config, resume=True, lock=lock)
 
 
-def work(runs: list[RunSpec], log: Log = print, quiet: bool = False, threads: Optional[int] = None,
-         device: Optional[str] = None) -> list[str]:
-    """Train every run of ``runs`` that is unfinished and not held by another process; return
-    the names of the runs this call trained."""
+def _with_machine(run: RunSpec, threads: Optional[int], device: Optional[str]) -> RunSpec:
+    """The run on this process's share of the machine (``threads``, ``device``), if given."""
     import dataclasses
 
+    if not (threads or device):
+        return run
+    return dataclasses.replace(run, config=dataclasses.replace(
+        run.config, **({"threads": threads} if threads else {}), **({"device": device} if device else {})))
+
+
+def work(runs: list[RunSpec], log: Log = print, quiet: bool = False, threads: Optional[int] = None,
+         device: Optional[str] = None, fuse: bool = False) -> list[str]:
+    """Train every run of ``runs`` that is unfinished and not held by another process; return
+    the names of the runs this call trained. With ``fuse``, the runs that differ only in their
+    seed train fused (see :func:`work_fused`)."""
     import torch
 
     if threads:
         torch.set_num_threads(threads)
+    if fuse:
+        from .fusing import fuse_groups, work_fused
+
+        return [name for group in fuse_groups(runs) for name in work_fused(group, log, quiet, threads, device)]
     trained = []
     for run in runs:
         run_dir = Path(run.config.out)
@@ -96,9 +109,7 @@ def work(runs: list[RunSpec], log: Log = print, quiet: bool = False, threads: Op
         try:
             if finished(run_dir):  # finished between our look and our lock
                 continue
-            if threads or device:
-                run = dataclasses.replace(run, config=dataclasses.replace(
-                    run.config, **({"threads": threads} if threads else {}), **({"device": device} if device else {})))
+            run = _with_machine(run, threads, device)
             log(f"{run.name}: {'resuming' if (run_dir / 'config.json').is_file() else 'training'} (pid {os.getpid()})")
             _train_run(run, lock, quiet)
             trained.append(run.name)
@@ -129,7 +140,7 @@ def _stopped(out: Path, exc: BaseException) -> StudyStopped:
                         f"again to continue {out}", code)
 
 
-def _worker(study_dict: dict[str, Any], index: int, threads: int, device: Optional[str]) -> list[str]:
+def _worker(study_dict: dict[str, Any], index: int, threads: int, device: Optional[str], fuse: bool = False) -> list[str]:
     """One process of ``--jobs N``: the same claim loop over the same runs, longest first (so the
     short ones fill the gaps at the end instead of a long one running alone), started at a
     different place so the jobs take different runs first."""
@@ -137,7 +148,7 @@ def _worker(study_dict: dict[str, Any], index: int, threads: int, device: Option
     runs = get_study(study.study).runs(study)
     runs = sorted(runs, key=WorkCost(), reverse=True)
     order = runs[index:] + runs[:index]
-    return work(order, log=_silent, quiet=True, threads=threads, device=device)
+    return work(order, log=_silent, quiet=True, threads=threads, device=device, fuse=fuse)
 
 
 def _silent(message: str) -> None:
@@ -233,9 +244,11 @@ def _device_for(index: int) -> Optional[str]:
     return f"cuda:{index % count}" if count > 1 else None
 
 
-def run_study(study: StudyConfig, jobs: int = 1, log: Log = print) -> dict[str, Any]:
+def run_study(study: StudyConfig, jobs: int = 1, log: Log = print, fuse: Optional[bool] = None) -> dict[str, Any]:
     """Train (this process's share of) the study's runs; when every run is finished, write
-    ``results.jsonl`` and the report. Returns ``{"complete": bool, "trained": [...], "report": ...}``."""
+    ``results.jsonl`` and the report. Returns ``{"complete": bool, "trained": [...], "report": ...}``.
+    ``fuse``: train the runs that differ only in their seed fused (None: where that pays, on CUDA;
+    see :mod:`.fusing`)."""
     from .report import build_report
 
     spec = get_study(study.study)
@@ -252,17 +265,21 @@ def run_study(study: StudyConfig, jobs: int = 1, log: Log = print) -> dict[str, 
     if bounded:
         log(bounded)
     progress = Progress(runs, jobs)
-    log(f"{spec.name}: {len(runs)} runs in {out}, {jobs} at a time" + _skip_note(runs))
+    from .fusing import fuse_groups, resolve_fuse
+
+    fuse = resolve_fuse(fuse, runs, log)
+    log(f"{spec.name}: {len(runs)} runs in {out}, {jobs} at a time" + (", seeds fused" if fuse else "")
+        + _skip_note(runs))
     try:
         if jobs == 1:
             trained = []
-            for run in runs:
-                if finished(Path(run.config.out)):
+            for unit in (fuse_groups(runs) if fuse else [[run] for run in runs]):
+                if all(finished(Path(run.config.out)) for run in unit):
                     continue
                 log(progress.line())
-                trained += work([run], log=log)
+                trained += work(unit, log=log, fuse=fuse)
         else:
-            trained = _parallel(study, runs, jobs, progress, log)
+            trained = _parallel(study, runs, jobs, progress, log, fuse)
     except StudyStopped:
         raise
     except KeyboardInterrupt as e:  # Ctrl-C, SIGTERM (a run's TrainingStopped): say how to continue
@@ -310,7 +327,8 @@ def _skip_note(runs: list[RunSpec]) -> str:
     return f" ({done} finished earlier, skipped)" if done else ""
 
 
-def _parallel(study: StudyConfig, runs: list[RunSpec], jobs: int, progress: Progress, log: Log) -> list[str]:
+def _parallel(study: StudyConfig, runs: list[RunSpec], jobs: int, progress: Progress, log: Log,
+              fuse: bool = False) -> list[str]:
     import signal
 
     import torch
@@ -319,7 +337,7 @@ def _parallel(study: StudyConfig, runs: list[RunSpec], jobs: int, progress: Prog
     trained: list[str] = []
     # spawn: a fork of a process that has used OpenMP threads may deadlock.
     with ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn")) as pool:
-        futures = [pool.submit(_worker, study.to_dict(), i, threads, _device_for(i)) for i in range(jobs)]
+        futures = [pool.submit(_worker, study.to_dict(), i, threads, _device_for(i), fuse) for i in range(jobs)]
 
         def pass_on_sigterm(signum: int, frame: Any) -> None:
             # Ctrl-C reaches the workers by itself (one process group); a SIGTERM sent to this

@@ -52,6 +52,11 @@ from .runner import EpochResult, Trainer
 from .stacked import StackedNet, StackedSGD, clip_copies, copy_norms, per_copy_losses
 from .stop import StopFlag, StopNow, TrainingStopped, signal_name
 
+# Said where fusing is asked for on a CPU (issue 21's micro-benchmark of three fused ResNets on a
+# 2-core CPU: 0.72-1.16x the separate runs' speed).
+CPU_NOTE = ("--fuse-seeds on a CPU: the runs train fused, with the results of separate runs, but a CPU gains "
+            "little from it (0.72-1.16x in a micro-benchmark); it pays on a GPU")
+
 # Settings that may differ between the runs of one fused group: each copy's own.
 PER_COPY = ("seed", "out")
 

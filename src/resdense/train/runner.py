@@ -350,16 +350,24 @@ def _train_locked(ctx: RunContext, run_dir: Path, resume: bool, epoch_callback: 
     return trainer.finish()
 
 
-def train_seeds(cfg: TrainConfig, seeds: list[int], **kwargs: Any) -> dict[str, Any]:
-    """One run per seed in ``OUT/seed<N>``; returns mean ± std of the test errors."""
+def train_seeds(cfg: TrainConfig, seeds: list[int], fuse: bool = False, **kwargs: Any) -> dict[str, Any]:
+    """One run per seed in ``OUT/seed<N>`` (with ``fuse``: trained as one model, see
+    :mod:`.fused`); returns mean ± std of the test errors."""
     if cfg.out is None:
         raise ConfigError("--out RUN_DIR is required")
+    cfgs = [apply_overrides(cfg, {"seed": seed, "out": str(Path(cfg.out) / f"seed{seed}")}, "--seeds") for seed in seeds]
+    if fuse:
+        from .fused import CPU_NOTE, fuse_refusal, train_fused
+        from ..hardware import resolve_device
+
+        refusal = fuse_refusal(cfg)
+        if refusal:  # before anything is written
+            raise ConfigError(f"cannot fuse these runs: {refusal}; drop --fuse-seeds")
+        if resolve_device(cfg.device).type != "cuda":
+            log(CPU_NOTE)
     if is_main_process():
         claim(cfg.out, SEEDS)
-    rows = []
-    for seed in seeds:
-        run_cfg = apply_overrides(cfg, {"seed": seed, "out": str(Path(cfg.out) / f"seed{seed}")}, "--seeds")
-        rows.append(train(run_cfg, **kwargs))
+    rows = train_fused(cfgs, **kwargs) if fuse else [train(run_cfg, **kwargs) for run_cfg in cfgs]
     summary: dict[str, Any] = {"seeds": seeds, "runs": [str(Path(cfg.out) / f"seed{s}") for s in seeds]}
     for key in ("test_error_last", "test_error_best", "final_train_error", "final_val_error", "wall_time"):
         values = [r[key] for r in rows if key in r]

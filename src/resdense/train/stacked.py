@@ -18,6 +18,7 @@ as its separate run.
 from __future__ import annotations
 
 import copy
+import warnings
 from typing import Sequence
 
 import torch
@@ -48,7 +49,11 @@ class StackedNet:
         return functional_call(self.base, (params, buffers), (x,))
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return self._forward(self.params, self.buffers, x)
+        with warnings.catch_warnings():
+            # vmap runs adaptive pooling of channels-last maps through its slower per-copy
+            # fallback and says so; the result is exact, and the user can do nothing about it.
+            warnings.filterwarnings("ignore", message="There is a performance drop", category=UserWarning)
+            return self._forward(self.params, self.buffers, x)
 
     @property
     def copies(self) -> int:
