@@ -201,3 +201,29 @@ def test_a_smoke_study_gives_the_same_table_fused_and_unfused(tmp_path):
     for a, b in zip(rows["alone"], rows["fused"]):
         for key in ("train_error", "val_error", "test_error"):
             assert a[key] == pytest.approx(b[key], abs=1e-9), (a["group"], key)
+
+
+# --- graph-captured steps: refused off CUDA; the static shapes they would capture ----------------------
+
+def test_cuda_graphs_on_a_cpu_is_refused_in_one_line_before_anything_is_written(tmp_path):
+    from conftest import run_cli
+
+    code, out, err = run_cli(["train", "--model", "cifar_resnet", "-a", "depth=8", "--data", "synthetic", "--epochs", "1",
+                              "--device", "cpu", "--cuda-graphs", "--out", str(tmp_path / "run")])
+    assert code == 2 and err.count("\n") == 1 and "--cuda-graphs" in err and "CUDA device" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_static_shapes_one_graph_per_image_size_of_full_batches():
+    from resdense.errors import ConfigError
+    from resdense.train.graphs import describe, static_shapes
+
+    cfg = apply_overrides(TrainConfig(), {"batch_size": 128, "min_scale": 0.5, "resize_ramp": 0.5, "resize_step": 4,
+                                          "cuda_graphs": True}, "t")
+    shapes = static_shapes(cfg, (32, 32), 3, total_epochs=10, min_scale=0.5)
+    assert shapes[0] == (128, 3, 16, 16) and shapes[-1] == (128, 3, 32, 32)
+    assert len(shapes) == len(set(shapes)) and all(s[0] == 128 for s in shapes)
+    assert describe(shapes).startswith("CUDA graphs: one per image size, batch 128: 16x16, ")
+    assert static_shapes(apply_overrides(cfg, {"min_scale": 1.0}, "t"), (28, 28), 1, 10, 1.0) == [(128, 1, 28, 28)]
+    with pytest.raises(ConfigError, match="graphs"):  # 2-pixel steps from 4 to 32 pixels: too many graphs
+        static_shapes(apply_overrides(cfg, {"resize_step": 2, "resize_ramp": 1.0}, "t"), (32, 32), 3, 30, 0.125)

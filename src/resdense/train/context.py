@@ -22,7 +22,7 @@ from ..data.loader import Augment, TensorLoader
 from ..errors import ConfigError
 from ..hardware import resolve_device, resolve_precision
 from ..models import create_model
-from . import finetune
+from . import finetune, graphs
 from .config import TrainConfig
 from .schedule import short_run_total
 
@@ -123,7 +123,9 @@ def _wrap(model: nn.Module, cfg: TrainConfig, device: torch.device, world_size: 
     if world_size > 1:
         train_model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
-    if cfg.compile:
+    if cfg.cuda_graphs:  # compiled too, for CUDA-graph replay
+        train_model = graphs.GraphStep(train_model)
+    elif cfg.compile:
         train_model = torch.compile(train_model)
     return model, train_model
 
@@ -134,6 +136,7 @@ def build_context(cfg: TrainConfig, rank: int = 0, world_size: int = 1, device: 
     device = device or resolve_device(cfg.device)
     with torch.device("meta"):  # a bad model or setting is refused before any data is read
         create_model(cfg.model, **cfg.model_kwargs)
+    graphs.check_device(cfg, device, world_size)
     amp_dtype = resolve_precision(cfg.precision, device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)

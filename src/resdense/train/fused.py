@@ -137,7 +137,7 @@ class FusedTrainer:
                               "(without --fuse-seeds)")
         if self.live:
             models = [self.trainers[k].ctx.model for k in self.live]
-            self.net = StackedNet(models)
+            self.net = StackedNet(models, cuda_graphs=self.trainers[self.live[0]].cfg.cuda_graphs)
             self.opt = StackedSGD.gather(self.net, [self.trainers[k].ctx.optimizer for k in self.live], models)
             t = self.trainers[self.live[0]]
             log(f"fused: {len(self.live)} runs of {t.cfg.model} train as one model "

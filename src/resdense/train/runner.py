@@ -36,7 +36,7 @@ from ..errors import ConfigError, WriteError
 from ..outputs import SEEDS, claim
 from ..runlock import RunLock
 from . import checkpoint as ckpt
-from . import finetune
+from . import finetune, graphs
 from .config import TrainConfig, apply_overrides, validate
 from .context import RunContext, build_context, build_optimizer, model_depth, seed_everything
 from .distributed import is_main_process, log
@@ -205,6 +205,9 @@ class Trainer:
             self.events.skip_curve(len(self.state.curve))
         if self.schedule.note:
             log(self.schedule.note)
+        if cfg.cuda_graphs:
+            log(graphs.describe(graphs.static_shapes(cfg, ctx.splits.image_size, ctx.splits.in_chans, self.total_epochs,
+                                                     short_run_min_scale(cfg, ctx.total_steps), ctx.world_size)))
         log(f"training {cfg.model} on {ctx.splits.name}: {ctx.train_loader.num_samples} images, "
             f"{self.total_epochs} epochs ({ctx.total_steps} steps of {cfg.batch_size}), {ctx.device}, "
             f"{'bf16' if ctx.amp_dtype else 'fp32'}, out {run_dir}")

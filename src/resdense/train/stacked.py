@@ -26,6 +26,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call, vmap
 
+from . import graphs
+
 
 def _stack(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     return torch.stack([t.detach() for t in tensors])
@@ -35,7 +37,7 @@ class StackedNet:
     """K copies of one architecture (``models``: same class and settings, any weights) as stacked
     tensors. ``__call__`` maps inputs (K, N, C, H, W) to logits (K, N, classes) in train mode."""
 
-    def __init__(self, models: Sequence[nn.Module]) -> None:
+    def __init__(self, models: Sequence[nn.Module], cuda_graphs: bool = False) -> None:
         # The structure functional_call runs: on the meta device, so it holds no memory of its own.
         self.base = copy.deepcopy(models[0]).to("meta").train()
         named = [dict(m.named_parameters()) for m in models]
@@ -44,6 +46,10 @@ class StackedNet:
         buffers = [dict(m.named_buffers()) for m in models]
         self.buffers = {n: _stack([d[n] for d in buffers]) for n in buffers[0]}
         self._forward = vmap(self._one, randomness="error")  # dropout is never fused (see fused.py)
+        self.cuda_graphs = cuda_graphs
+        if cuda_graphs:
+            self._forward = graphs.capture(self._forward)
+            graphs.mark_static([*self.params.values(), *self.buffers.values()])
 
     def _one(self, params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         return functional_call(self.base, (params, buffers), (x,))
@@ -53,6 +59,8 @@ class StackedNet:
             # vmap runs adaptive pooling of channels-last maps through its slower per-copy
             # fallback and says so; the result is exact, and the user can do nothing about it.
             warnings.filterwarnings("ignore", message="There is a performance drop", category=UserWarning)
+            if self.cuda_graphs:
+                torch.compiler.cudagraph_mark_step_begin()
             return self._forward(self.params, self.buffers, x)
 
     @property
@@ -76,6 +84,8 @@ class StackedNet:
         idx = torch.tensor(list(indices), device=next(iter(self.params.values())).device)
         self.params = {n: p.detach().index_select(0, idx).requires_grad_(p.requires_grad) for n, p in self.params.items()}
         self.buffers = {n: b.index_select(0, idx) for n, b in self.buffers.items()}
+        if self.cuda_graphs:  # new tensors: captured anew
+            graphs.mark_static([*self.params.values(), *self.buffers.values()])
 
 
 def copy_norms(grads: Sequence[torch.Tensor]) -> torch.Tensor:
