@@ -227,3 +227,25 @@ def test_static_shapes_one_graph_per_image_size_of_full_batches():
     assert static_shapes(apply_overrides(cfg, {"min_scale": 1.0}, "t"), (28, 28), 1, 10, 1.0) == [(128, 1, 28, 28)]
     with pytest.raises(ConfigError, match="graphs"):  # 2-pixel steps from 4 to 32 pixels: too many graphs
         static_shapes(apply_overrides(cfg, {"resize_step": 2, "resize_ramp": 1.0}, "t"), (32, 32), 3, 30, 0.125)
+
+
+def test_the_gpu_check_script_dry_run_checks_its_plan_and_writes_nothing(tmp_path, capsys, monkeypatch):
+    import importlib.util
+    import sys
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "gpu_check.py"
+    spec = importlib.util.spec_from_file_location("gpu_check", path)
+    script = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "gpu_check", script)  # its dataclasses look their module up there
+    spec.loader.exec_module(script)
+    assert script.main(["--out", str(tmp_path / "out"), "--preset", "no-such", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "preset 'no-such' does not exist" in out and "using 'quick' instead" in out
+    for net in script.NETS:
+        assert f"{net:9} fused         input 3x128x3x32x32" in out
+    assert "cpu step of resnet20 fused: ok" in out and "plan problem" not in out
+    assert not (tmp_path / "out").exists()
+    # The time arithmetic is checked: a limit too short for the measurements and the study is a problem.
+    plan = script.make_plan(script.argparse.Namespace(preset="quick", data="synthetic", limit=300, batch=128, size=32,
+                                                      steps=50))
+    assert any("more than the" in p for p in script.check_plan(plan))
