@@ -53,6 +53,21 @@ def float64():
     torch.set_default_dtype(before)
 
 
+@pytest.fixture(scope="module")
+def plain_alone(tmp_path_factory) -> Path:
+    """The plain family's separate runs of every seed in float64, trained once for the tests that compare with them."""
+    base = tmp_path_factory.mktemp("plain-alone")
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        model, kwargs, extra = FAMILIES["plain"]
+        for s in SEEDS:
+            _quiet(train, _cfg(base / f"alone{s}", s, model, kwargs, extra))
+    finally:
+        torch.set_default_dtype(before)
+    return base
+
+
 def _quiet(fn, *args, **kwargs):
     with contextlib.redirect_stdout(io.StringIO()):
         return fn(*args, **kwargs)
@@ -99,19 +114,21 @@ def assert_same_run(alone: Path, fused: Path, rtol: float, atol: float) -> None:
     _close(sum_a, sum_b, rtol, atol, "summary")
 
 
-def _both(tmp_path: Path, model: str, kwargs: dict, extra: dict, seeds=SEEDS) -> None:
-    for s in seeds:
+def _both(tmp_path: Path, model: str, kwargs: dict, extra: dict, seeds=SEEDS, alone=SEEDS) -> None:
+    """Train seeds ``alone`` one by one (into tmp_path/alone<seed>) and ``seeds`` fused (tmp_path/fused<seed>)."""
+    for s in alone:
         _quiet(train, _cfg(tmp_path / f"alone{s}", s, model, kwargs, extra))
     summaries = _quiet(train_fused, [_cfg(tmp_path / f"fused{s}", s, model, kwargs, extra) for s in seeds])
     assert [r["seed"] for r in summaries] == list(seeds)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_fused_copies_equal_separate_runs_in_float64(family, tmp_path, float64):
+def test_fused_copies_equal_separate_runs_in_float64(family, tmp_path, float64, plain_alone):
     model, kwargs, extra = FAMILIES[family]
-    _both(tmp_path, model, kwargs, extra)
+    plain = family == "plain"
+    _both(tmp_path, model, kwargs, extra, alone=() if plain else SEEDS)
     for s in SEEDS:
-        assert_same_run(tmp_path / f"alone{s}", tmp_path / f"fused{s}", rtol=1e-6, atol=1e-8)
+        assert_same_run((plain_alone if plain else tmp_path) / f"alone{s}", tmp_path / f"fused{s}", rtol=1e-6, atol=1e-8)
     if "warmup_lr" in extra:  # some copies left the warm-up, some did not: the copies stepped at their own lr
         first = [json.loads((tmp_path / f"fused{s}" / "curve.jsonl").read_text().splitlines()[0]) for s in SEEDS]
         assert len({p["lr"] for p in first}) > 1
@@ -124,7 +141,7 @@ def test_fused_copies_equal_separate_runs_in_fp32_while_rounding_is_small(tmp_pa
         assert_same_run(tmp_path / f"alone{s}", tmp_path / f"fused{s}", rtol=1e-5, atol=1e-5)
 
 
-def test_a_diverging_copy_ends_as_its_separate_run_while_the_others_go_on(tmp_path, float64, monkeypatch):
+def test_a_diverging_copy_ends_as_its_separate_run_while_the_others_go_on(tmp_path, float64, monkeypatch, plain_alone):
     from resdense.data.loader import TensorLoader
 
     iterate = TensorLoader.__iter__
@@ -135,21 +152,19 @@ def test_a_diverging_copy_ends_as_its_separate_run_while_the_others_go_on(tmp_pa
 
     monkeypatch.setattr(TensorLoader, "__iter__", poisoned)
     model, kwargs, extra = FAMILIES["plain"]
-    _both(tmp_path, model, kwargs, {**extra, "on_divergence": "finish"})
+    _both(tmp_path, model, kwargs, {**extra, "on_divergence": "finish"}, alone=(1,))  # 0 and 2: as plain_alone's
     summaries = [json.loads((tmp_path / f"fused{s}" / "summary.json").read_text()) for s in SEEDS]
     assert [s.get("diverged", "")[:29] for s in summaries] == ["", "the loss became nan at step 8", ""]
     assert [s["steps"] for s in summaries] == [12, 8, 12]
     for s in SEEDS:
-        assert_same_run(tmp_path / f"alone{s}", tmp_path / f"fused{s}", rtol=1e-6, atol=1e-8)
+        assert_same_run((tmp_path if s == 1 else plain_alone) / f"alone{s}", tmp_path / f"fused{s}", rtol=1e-6, atol=1e-8)
 
 
-def test_fused_runs_stopped_inside_an_epoch_resume_as_separate_runs(tmp_path, float64, monkeypatch):
+def test_fused_runs_stopped_inside_an_epoch_resume_as_separate_runs(tmp_path, float64, monkeypatch, plain_alone):
     from resdense.train.stop import StopFlag, TrainingStopped
 
     model, kwargs, extra = FAMILIES["plain"]
     seeds = (0, 1)
-    for s in seeds:
-        _quiet(train, _cfg(tmp_path / f"alone{s}", s, model, kwargs, extra))
     calls = {"n": 0}
 
     def signal_at_the_tenth_step(self):
@@ -165,7 +180,7 @@ def test_fused_runs_stopped_inside_an_epoch_resume_as_separate_runs(tmp_path, fl
     for s in seeds:  # resumed one by one, without fusing: the checkpoints are ordinary ones
         assert (tmp_path / f"fused{s}" / "last").resolve().name == "step-0000009"  # inside epoch 2 (6 steps each)
         _quiet(train, _cfg(tmp_path / f"fused{s}", s, model, kwargs, extra), resume=True)
-        assert_same_run(tmp_path / f"alone{s}", tmp_path / f"fused{s}", rtol=1e-6, atol=1e-8)
+        assert_same_run(plain_alone / f"alone{s}", tmp_path / f"fused{s}", rtol=1e-6, atol=1e-8)
 
 
 def test_fuse_key_and_refusals():

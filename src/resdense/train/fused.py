@@ -130,6 +130,9 @@ class FusedTrainer:
             with self.as_copy(k):
                 t.restore(resume)
         self.live = [k for k, t in enumerate(self.trainers) if t.training]
+        # The lr each optimiser holds (the last step's, or the saved one): until the copy steps again.
+        self.last_lr = [t.ctx.optimizer.param_groups[0]["lr"] / t.ctx.optimizer.param_groups[0].get("lr_scale", 1.0)
+                        for t in self.trainers]
         at = {self._point(k) for k in self.live}
         if len(at) > 1:
             where = "; ".join(f"{self.trainers[k].run_dir} at step {self._point(k)[0]}" for k in self.live)
