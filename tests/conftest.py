@@ -45,6 +45,16 @@ def small_test_split() -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """One torch thread for the test: tiny tensors gain nothing from threads, and on a busy shared
+    CPU OpenMP threads waiting on each other make each forward ~50x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def run_cli(argv: list[str]) -> tuple[int, str, str]:
     """``resdense ARGV`` in this process: (exit code, stdout, stderr); argparse's exits included."""
     out, err = io.StringIO(), io.StringIO()

@@ -23,14 +23,7 @@ from resdense.plots import plot_gradient_norms, plot_layer_responses, plot_lesio
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors gain nothing from threads, and on a busy shared CPU OpenMP threads waiting
-    on each other make each forward ~50x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _batches(n: int = 2, size: int = 16, batch: int = 6, seed: int = 0, classes: int = 10):

@@ -1,21 +1,29 @@
-"""A table of wrong commands, across every subcommand, run as real subprocesses.
+"""A table of wrong commands, across every subcommand, each run in a process of its own.
 
 Each must exit 2 with one line on stderr and no traceback, and leave nothing new behind: no file
 in its own scratch folder (its working directory, HOME, cache and temporary folder), and nothing
 changed in the shared fixtures it points at. Grow the table whenever a flag lands.
+
+A case's process is forked from a server that has imported torch and resdense once (what a fresh
+``python -m resdense`` spends most of its start on), with the case's own environment, working
+directory and stderr (file descriptor 2, so C-level output counts too); every ``SUBPROCESS_EVERY``-th
+case runs as a real ``python -m resdense`` instead, so import-time output is still seen.
 """
 
 from __future__ import annotations
 
 import functools
+import multiprocessing
 import os
 import pickle
 import struct
 import subprocess
 import sys
+import traceback
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import pytest
@@ -246,6 +254,57 @@ def _snapshot(root: Path) -> dict[str, tuple[int, int]]:
             for p in sorted(root.rglob("*")) if not p.is_symlink()}
 
 
+SUBPROCESS_EVERY = 10
+# A server process that imports torch and the command line once; each case forks from it.
+_FORKS = multiprocessing.get_context("forkserver")
+_FORKS.set_forkserver_preload(["torch", "resdense.cli"])
+
+
+def _forked_case(argv: list[str], scratch: str, env: dict[str, str], stderr_path: str) -> None:
+    """One case in a forked child: the case's environment, folder and stderr, then ``resdense ARGV``,
+    exiting as ``python -m resdense`` would (an uncaught exception: its traceback and status 1)."""
+    os.environ.clear()
+    os.environ.update(env)
+    os.chdir(scratch)
+    fd = os.open(stderr_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    os.dup2(fd, 2)
+    sys.stderr = open(2, "w", buffering=1, closefd=False)
+    torch.set_num_threads(1)
+    from resdense.cli import main
+
+    try:
+        code = main(argv)
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        if not isinstance(e.code, (int, type(None))):
+            print(e.code, file=sys.stderr)
+    except BaseException:  # noqa: BLE001 - what the interpreter would print for an uncaught error
+        traceback.print_exc()
+        code = 1
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def _run_forked(argv: list[str], scratch: Path, env: dict[str, str], stderr_path: Path) -> tuple[Optional[int], str]:
+    proc = _FORKS.Process(target=_forked_case, args=(argv, str(scratch), env, str(stderr_path)))
+    proc.start()
+    proc.join(120)
+    if proc.is_alive():  # a wrong command that runs on instead of refusing
+        proc.kill()
+        proc.join()
+        return None, "still running after 120 s"
+    return proc.exitcode, stderr_path.read_text() if stderr_path.exists() else ""
+
+
+def _run_subprocess(argv: list[str], scratch: Path, env: dict[str, str]) -> tuple[Optional[int], str]:
+    try:
+        proc = subprocess.run([sys.executable, "-m", "resdense", *argv], cwd=scratch, env=env, capture_output=True,
+                              text=True, timeout=120)
+        return proc.returncode, proc.stderr
+    except subprocess.TimeoutExpired as e:  # a wrong command that runs on instead of refusing
+        return None, f"still running after {e.timeout} s"
+
+
 def _run(case: tuple[str, list[str]], shared: Path, run: Path, scratch_root: Path) -> dict:
     name, template = case
     scratch = scratch_root / name
@@ -255,12 +314,10 @@ def _run(case: tuple[str, list[str]], shared: Path, run: Path, scratch_root: Pat
     env = {**os.environ, "PYTHONPATH": SRC, "MPLCONFIGDIR": str(scratch_root.parent / "matplotlib"), "HOME": str(scratch), "XDG_CACHE_HOME": str(scratch / ".cache"),
            "TMPDIR": str(scratch), "RESDENSE_DATA": str(shared / "no-data-here"), "OMP_NUM_THREADS": "1"}
     env.pop("CI", None)
-    try:
-        proc = subprocess.run([sys.executable, "-m", "resdense", *argv], cwd=scratch, env=env, capture_output=True,
-                              text=True, timeout=120)
-        code, stderr = proc.returncode, proc.stderr
-    except subprocess.TimeoutExpired as e:  # a wrong command that runs on instead of refusing
-        code, stderr = None, f"still running after {e.timeout} s"
+    if [c[0] for c in CASES].index(name) % SUBPROCESS_EVERY == 0:
+        code, stderr = _run_subprocess(argv, scratch, env)
+    else:
+        code, stderr = _run_forked(argv, scratch, env, scratch_root.parent / f"stderr-{name}.txt")
     # resdense's dataset cache (statistics of the data, documented in the README) may be filled by
     # a command refused after reading the data; it holds nothing of the mistake and nothing of the user's.
     left = sorted(rel for rel in (str(p.relative_to(scratch)) for p in scratch.rglob("*"))

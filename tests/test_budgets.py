@@ -12,7 +12,8 @@ from typing import Any, Iterator
 
 import pytest
 
-from resdense.studies import degradation
+from resdense.studies import STUDIES, StudyConfig, degradation
+from resdense.studies.spec import STANDARD
 from resdense.studies.budget import budget_text, decided_at, runs_budget
 from resdense.studies.stats import Claim, decide, decide_all, t_sf
 
@@ -159,3 +160,35 @@ def test_study_list_shows_each_presets_budget_beside_the_papers():
     assert "budget of preset paper: 300 epochs × 64 on all training images (paper: 234,600 × 64 on 50,000" in out
     # The remedies' small-batch arm asks for four times the steps of the others: both are listed.
     assert "150 steps × 64 on 1,000 images (10 epochs); 620 steps × 16 on 1,000 images (10 epochs)" in out
+
+
+# --- the standard preset (item 3) -----------------------------------------------------------------
+
+@pytest.mark.parametrize("name", sorted(STUDIES))
+def test_standard_preset_trains_every_run_on_all_images_with_the_papers_recipe_shape(name):
+    spec = STUDIES[name]
+    runs = spec.runs(StudyConfig(study=name, preset="standard", seeds=[0], options=dict(spec.default_options)))
+    for run in runs:
+        cfg = run.config
+        assert cfg.train_subset is None and cfg.test_subset is None, run.name  # every training and test image
+        assert (cfg.schedule, cfg.milestones, cfg.momentum) == ("step", [0.5, 0.75], 0.9), run.name
+        assert cfg.weight_decay == pytest.approx(1e-3 if "+l2" in run.group else 1e-4), run.name  # remedies' 10x L2 arm
+        assert cfg.epochs == STANDARD["epochs"] and cfg.iterations is None and cfg.pad == 4 and cfg.flip == 0.5, run.name
+    assert {r.config.batch_size for r in runs} <= {64, 128, 16}
+
+
+def test_deeper_resnet_better_is_decided_on_the_standard_and_paper_presets_only():
+    decided = {p for p in degradation.PRESETS
+               if next(c for c in degradation.claims(StudyConfig(preset=p)) if c.id == "deeper_resnet_better").tested}
+    assert decided == {"standard", "paper"}
+
+
+def test_study_list_marks_the_standard_preset_uncalibrated_and_names_measured_hardware():
+    code, out, _ = run_cli(["study", "list"])
+    assert code == 0
+    for spec in STUDIES.values():
+        block = out.split(f"{spec.name}: ", 1)[1].split("\n  claim:", 1)[0]
+        assert "budget of preset standard: 30 epochs" in block and "not yet calibrated:" in block
+        assert "measured: " in block and "EPYC" in block
+    # A claim that exists on one preset only (the bottleneck claim at the depth the arms share) is listed.
+    assert "bottleneck ResNet-110" in out and "bottleneck ResNet-20" in out

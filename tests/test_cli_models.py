@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
 import pytest
 
 from resdense.cli import main
+from resdense.models import list_models, model_description, model_entry
+from resdense.models._registry import plain_text
 
 
 def test_info_prints_stage_table_and_paper_figures(capsys):
@@ -39,6 +42,26 @@ def test_list(capsys):
     assert main(["list", "plain*"]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[0].startswith("plain18") and any(line.startswith("plain1202") for line in out)
+
+
+def test_every_model_is_described_in_one_plain_sentence(capsys):
+    assert main(["list"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in lines] == list_models()
+    for name, line in zip(list_models(), lines):
+        sentence = line[len(name):].strip()
+        assert sentence == model_description(name)
+        assert len(sentence) > 20 and sentence[0].isupper() and sentence.endswith("."), line
+        assert sentence.count(". ") == 0 and not re.search(r"`|:\w+:|\*\*", sentence), line
+
+
+def test_a_model_without_a_docstring_is_described_from_its_entry():
+    assert plain_text("Plain twin of :func:`~resdense.models.cifar_resnet` (``bc=True``).\n\nMore.") == \
+        "Plain twin of cifar_resnet (bc=True)."
+    entry = model_entry("resnet56")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(entry.fn, "__doc__", None)
+        assert model_description("resnet56") == "A resnet network for 3x32x32 inputs as in He et al. 2015."
 
 
 @pytest.mark.parametrize("argv, message", [

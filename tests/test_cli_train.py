@@ -142,3 +142,10 @@ def test_a_killed_run_resumes_to_the_weights_of_an_uninterrupted_one(tmp_path):
     assert "epoch 1/5" not in resumed.stdout  # it continued; it did not start over
     a, b = read_weights(whole / "last"), read_weights(cut / "last")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_set_takes_yaml_booleans_and_keeps_other_words():
+    from resdense.cli._util import parse_overrides
+
+    assert parse_overrides(["eval_train=false", "tta_flip=True", "nesterov=TRUE", "shortcut=none", "lr=0.1"]) == {
+        "eval_train": False, "tta_flip": True, "nesterov": True, "shortcut": "none", "lr": 0.1}

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +18,8 @@ from PIL import Image
 
 import resdense
 from resdense.cli import main
-from resdense.models.importers import CIFAR10_CLASSES, CIFAR10_MEAN, IMAGENET_MEAN, mismatch_report, rename_keys
+from resdense.models.importers import (CIFAR10_CLASSES, CIFAR10_MEAN, CIFAR10_STD, IMAGENET_MEAN, mismatch_report,
+                                       rename_keys)
 from resdense.train.checkpoint import load_for_inference
 
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
@@ -51,7 +53,12 @@ def test_torchvision_state_dict_imports_with_equal_outputs(name, tmp_path, capsy
     torch.save(source.state_dict(), path)  # as torchvision saves (and publishes) its weights
     run = tmp_path / "run"
     assert main(["import", str(path), "--model", name, "--out", str(run)]) == 0
-    assert "torchvision" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "torchvision" in out
+    # A bare state dict says nothing of its normalisation: the one assumed is said, with the fix.
+    assert (f"{path} does not say how its inputs were normalised: assumed ImageNet's (mean 0.485,0.456,0.406, "
+            "std 0.229,0.224,0.225); if the weights were trained with another, import again with --mean M,M,M "
+            "--std S,S,S --overwrite") in out.splitlines()
     model, meta = load_for_inference(run)
     x = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(1))  # small: DenseNet-121 is slow on CPU
     with torch.no_grad():
@@ -92,15 +99,17 @@ def test_cifar_repository_checkpoint_imports_with_equal_outputs(cifar_import):
     assert meta["data"] == "cifar10" and meta["input_size"] == [3, 32, 32]
 
 
-def test_shapes_give_num_classes_and_in_chans_and_classes_are_stored(tmp_path):
+def test_shapes_give_num_classes_and_in_chans_and_classes_are_stored(tmp_path, capsys):
     source = resdense.create_model("resnet20", num_classes=3, in_chans=1)
     path = tmp_path / "w.pth"
     torch.save(source.state_dict(), path)
     run = tmp_path / "run"
     assert main(["import", str(path), "--model", "resnet20", "--out", str(run), "--classes", "cat,dog,fox",
                  "--mean", "0.5", "--std", "0.25", "--input-size", "28"]) == 0
+    assert "assumed" not in capsys.readouterr().out  # given, not assumed
     meta = json.loads((run / "best" / "meta.json").read_text())
     assert meta["model_kwargs"]["num_classes"] == 3 and meta["model_kwargs"]["in_chans"] == 1
+    assert meta["imported"]["normalisation"] == "given"
     assert meta["classes"] == ["cat", "dog", "fox"] and meta["std"] == [0.25] and meta["input_size"] == [1, 28, 28]
 
 
@@ -117,6 +126,45 @@ def test_timm_safetensors_with_compile_prefix_imports(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(model(x), source(x), rtol=0, atol=0)
     assert meta["classes"] == ["0", "1", "2", "3"] and meta["mean"] == list(IMAGENET_MEAN)
+
+
+MEAN, STD = [0.5, 0.4, 0.3], [0.2, 0.25, 0.3]
+
+
+def _save_with_normalisation(where: str, state: dict, folder: Path) -> tuple[Path, str]:
+    """``state`` saved as a source that stores its normalisation ``where``; the file and how the
+    import names the place."""
+    from safetensors.torch import save_file
+
+    if where == "wrapper":  # a training script's checkpoint dictionary
+        torch.save({"state_dict": state, "normalization": {"mean": MEAN, "std": STD}}, folder / "w.pth")
+        return folder / "w.pth", "the checkpoint's 'normalization' entry"
+    if where == "buffers":  # RobustBench-style models normalise inside: mu and sigma buffers
+        torch.save({"mu": torch.tensor(MEAN).view(1, 3, 1, 1), "sigma": torch.tensor(STD).view(1, 3, 1, 1),
+                    **state}, folder / "w.pth")
+        return folder / "w.pth", "its buffers mu/sigma"
+    tensors = {k: v.contiguous() for k, v in state.items()}
+    if where == "header":
+        save_file(tensors, str(folder / "w.safetensors"), metadata={"mean": json.dumps(MEAN), "std": json.dumps(STD)})
+        return folder / "w.safetensors", "its safetensors header"
+    save_file(tensors, str(folder / "model.safetensors"))  # a Hugging Face timm repository
+    (folder / "config.json").write_text(json.dumps({"architecture": "resnet", "num_classes": 10, "pretrained_cfg": {
+        "input_size": [3, 32, 32], "mean": MEAN, "std": STD}}))
+    return folder / "model.safetensors", "config.json's 'pretrained_cfg' entry"
+
+
+@pytest.mark.parametrize("where", ["wrapper", "buffers", "header", "config.json"])
+def test_import_reads_the_normalisation_where_the_source_stores_it(where, tmp_path, capsys, one_thread):
+    source = _randomise_bn(resdense.create_model("cifar_resnet", depth=8))
+    path, named = _save_with_normalisation(where, source.state_dict(), tmp_path)
+    run = tmp_path / "run"
+    assert main(["import", str(path), "--model", "cifar_resnet", "-a", "depth=8", "--out", str(run)]) == 0
+    assert "assumed" not in capsys.readouterr().out
+    model, meta = load_for_inference(run)
+    assert meta["mean"] == MEAN and meta["std"] == STD and meta["imported"]["normalisation"].endswith(named)
+    x = torch.randn(1, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), source(x), rtol=0, atol=0)
 
 
 def test_pickled_code_is_refused_in_one_line(tmp_path):
@@ -157,6 +205,112 @@ def test_old_torchvision_densenet_names_are_renamed():
                           resdense.models.importers.LAYOUTS["torchvision"])
     assert set(renamed) == {"features.denseblock1.denselayer1.norm1.weight",
                             "features.denseblock2.denselayer12.conv2.weight"}
+
+
+# --- the Python API --------------------------------------------------------------------------
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _probabilities(predictions):
+    return [[p for _, p in top] for top in predictions]
+
+
+def test_load_an_import_and_predict_on_tensors_pil_images_and_paths(cifar_import, tmp_path, one_thread):
+    source, _, run = cifar_import
+    model = resdense.load(run)
+    assert isinstance(model, resdense.TrainedModel) and not model.training
+    assert model.classes == list(CIFAR10_CLASSES) and model.input_size == (3, 32, 32)
+    pixels = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(4))
+    x = (pixels.float() / 255 - torch.tensor(CIFAR10_MEAN).view(1, 3, 1, 1)) / torch.tensor(CIFAR10_STD).view(1, 3, 1, 1)
+    with torch.no_grad():
+        expected = source(x).softmax(1).topk(3)
+    top = model.predict(pixels)
+    assert [[c for c, _ in row] for row in top] == [[CIFAR10_CLASSES[i] for i in row] for row in expected.indices.tolist()]
+    assert _probabilities(top) == [pytest.approx(row, abs=1e-5) for row in expected.values.tolist()]
+    png = tmp_path / "x.png"
+    Image.fromarray(pixels[0].permute(1, 2, 0).numpy()).save(png)
+    assert model.predict(png) == model.predict(Image.open(png)) == model.predict([str(png)])
+    for same in (png, pixels[0], pixels[:1].float() / 255):  # a file, one (C, H, W) tensor, a 0..1 float batch
+        assert _probabilities(model.predict(same)) == [pytest.approx(_probabilities(top)[0], abs=1e-5)]
+    with pytest.raises(resdense.UserError, match="cannot read an image from a dict"):
+        model.predict({"not": "an image"})
+
+
+def test_create_model_pretrained_loads_the_weights_or_says_in_one_line_why_not(cifar_import):
+    source, path, run = cifar_import
+    net = resdense.create_model("resnet20", pretrained=run)
+    assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), source.state_dict().values()))
+    assert net.pretrained_cfg["classes"] == list(CIFAR10_CLASSES) and net.pretrained_cfg["input_size"] == [3, 32, 32]
+    refusals = [(dict(name="resnet56", pretrained=run), resdense.CheckpointError, "holds resnet20 weights, not resnet56"),
+                (dict(name="resnet20", pretrained=run, num_classes=5), resdense.CheckpointError, "does not fit"),
+                (dict(name="resnet20", pretrained=True), resdense.ConfigError, "resdense ships no weights"),
+                (dict(name="resnet20", pretrained=path), resdense.CheckpointError, "resdense import")]
+    for kwargs, error, message in refusals:
+        with pytest.raises(error, match=message) as caught:
+            resdense.create_model(**kwargs)
+        assert "\n" not in str(caught.value)
+
+
+def test_torch_hub_entries_are_the_registry_and_load_from_a_clone(cifar_import):
+    import importlib.util
+
+    _, _, run = cifar_import
+    spec = importlib.util.spec_from_file_location("resdense_hubconf", REPO / "hubconf.py")
+    hub = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(hub)
+    entries = sorted(n for n in dir(hub) if not n.startswith("_") and callable(getattr(hub, n)))
+    assert entries == sorted(resdense.list_models()) and hub.dependencies == ["torch"]
+    assert str(REPO / "src") in sys.path  # a clone's src/, for a checkout that is not installed
+    assert hub.resnet56.__doc__.startswith(resdense.model_description("resnet56"))
+    net = torch.hub.load(str(REPO), "resnet20", source="local", pretrained=str(run))
+    assert torch.equal(net.fc.weight, resdense.create_model("resnet20", pretrained=run).fc.weight)
+    assert torch.hub.load(str(REPO), "plain56", source="local", num_classes=3).num_classes == 3
+
+
+def test_train_and_run_study_take_settings_and_raise_user_errors(tmp_path):
+    from resdense.api import train_config
+    from resdense.train.config import TrainConfig
+
+    config_file = tmp_path / "run.yaml"
+    config_file.write_text("model: resnet32\nlr: 0.2\n")
+    assert train_config({"model": "resnet32"}, lr=0.3).lr == 0.3
+    assert train_config(config_file, epochs=2).model == "resnet32" and train_config(config_file).lr == 0.2
+    assert train_config(TrainConfig(model="plain20"), seed=3).seed == 3
+    assert train_config(recipe="finetune").recipe == "finetune"
+    mistakes = [(lambda: resdense.train(data="synthetic"), "out=RUN_DIR"),
+                (lambda: resdense.train(bogus=1, out=str(tmp_path / "r")), "unknown setting"),
+                (lambda: resdense.train(model="resnt20", data="synthetic", out=str(tmp_path / "r")), "did you mean"),
+                (lambda: resdense.run_study("nope", out=tmp_path / "s"), "unknown study"),
+                (lambda: resdense.run_study("degradation", out=tmp_path / "s", options={"bogus": 1}), "no option bogus")]
+    for call, message in mistakes:
+        with pytest.raises(resdense.UserError, match=message):
+            call()
+    assert list(tmp_path.iterdir()) == [config_file]  # refused before anything was written
+
+
+def _readme_python() -> list[str]:
+    section = (REPO / "README.md").read_text().split("\n## Python\n", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"```python\n(.*?)```", section, re.S)
+
+
+@needs_fmnist
+def test_the_readme_python_section_runs(tmp_path, monkeypatch, one_thread):
+    images, _ = _fashion_mnist(1)  # the first test image of each class, in class order
+    Image.fromarray(images[7]).save(tmp_path / "shoe.png")  # a sneaker
+    monkeypatch.chdir(tmp_path)
+    blocks = _readme_python()
+    assert len(blocks) == 1
+    names: dict = {}
+    exec(compile(blocks[0], str(REPO / "README.md"), "exec"), names)
+    run, model, net, study = names["run"], names["model"], names["net"], names["study"]
+    assert isinstance(run, resdense.TrainResult) and 0 <= run.test_error <= 1 and run.run_dir.is_dir()
+    assert not model.training and model.input_size == (1, 28, 28) and model.classes[7] == "Sneaker"
+    assert len(model.predict("shoe.png", top_k=2)[0]) == 2 and net.pretrained_cfg["classes"] == model.classes
+    assert isinstance(study, resdense.StudyResult) and study.complete and study.verdicts
+    import resdense.train.runner as runner  # resdense.train is the package as well as the call
+
+    assert callable(resdense.train) and resdense.train.runner is runner
 
 
 # --- fine-tuning on a folder of real images --------------------------------------------------

@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 
 import resdense
-from resdense.errors import ConfigError, UserError
+from resdense.errors import CheckpointError, ConfigError, UserError
 from resdense.export import (EXPORT_FORMATS, bf16_supported, export_model, find_conv_bn_pairs, fold_bn,
                              inference_model)
 
@@ -237,8 +237,13 @@ def test_cli_export_model(tmp_path, capsys):
     assert "BN folded" in capsys.readouterr().out and out.exists()
     import onnx
 
-    dims = onnx.load(str(out)).graph.input[0].type.tensor_type.shape.dim
-    assert [d.dim_value for d in dims[1:]] == [1, 28, 28]
+    graph = onnx.load(str(out))
+    dims = graph.graph.input[0].type.tensor_type.shape.dim
+    # Batch, height and width are free (the net pools adaptively to 1x1); the channels are not.
+    assert [d.dim_param or d.dim_value for d in dims] == ["batch", 1, "height", "width"]
+    props = {p.key: json.loads(p.value) for p in graph.metadata_props}
+    assert props == {"model": "cifar_resnet", "input_size": [1, 28, 28], "classes": [str(i) for i in range(10)],
+                     "mean": [0.0], "std": [1.0]}
 
 
 def test_cli_export_user_errors(tmp_path, capsys):
@@ -248,3 +253,52 @@ def test_cli_export_user_errors(tmp_path, capsys):
                     "--out", str(tmp_path / "x.st")]) == 2
     assert "bogus" in capsys.readouterr().err
     assert _files(tmp_path) == []
+
+
+def test_an_exported_onnx_file_predicts_as_its_run(tmp_path, small_model, capsys, one_thread):
+    """export -> predict on the .onnx equals predict on the run; the file carries what predict needs,
+    takes other image sizes, and the exported safetensors loads back with resdense.load."""
+    import numpy as np
+    import onnx
+    from PIL import Image
+
+    from resdense.export import onnx_session
+
+    weights, run, onnx_file, st_file = (tmp_path / n for n in ("w.pth", "run", "m.onnx", "m.safetensors"))
+    torch.save(small_model.state_dict(), weights)
+    classes = [f"kind{i}" for i in range(10)]
+    assert run_cli(["import", str(weights), "--model", "cifar_resnet", "-a", "depth=8", "--out", str(run),
+                    "--classes", ",".join(classes), "--mean", "0.5,0.4,0.3", "--std", "0.2,0.25,0.3",
+                    "--input-size", "16"]) == 0
+    assert run_cli(["export", "--checkpoint", str(run), "--format", "onnx", "--out", str(onnx_file)]) == 0
+    assert run_cli(["export", "--checkpoint", str(run), "--format", "safetensors", "--fold-bn", "--out", str(st_file)]) == 0
+    props = {p.key: json.loads(p.value) for p in onnx.load(str(onnx_file)).metadata_props}
+    assert props == {"model": "cifar_resnet", "classes": classes, "mean": [0.5, 0.4, 0.3], "std": [0.2, 0.25, 0.3],
+                     "input_size": [3, 16, 16]}
+
+    image = tmp_path / "query.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (24, 20, 3), dtype=np.uint8)).save(image)
+    capsys.readouterr()
+    tops = []
+    for source in (run, onnx_file, st_file):
+        assert run_cli(["predict", "--checkpoint", str(source), "--json", "--top-k", "10", str(image)]) == 0
+        tops.append({p["class"]: p["probability"] for p in json.loads(capsys.readouterr().out)[0]["top"]})
+    # predict on a run folds BN and runs bf16 where the CPU has it natively; ONNX runs fp32.
+    tolerance = 1e-2 if bf16_supported("cpu") else 1e-5
+    assert set(tops[0]) == set(classes) and tops[1] == pytest.approx(tops[0], abs=tolerance)
+    assert tops[2] == pytest.approx(tops[0], abs=tolerance)  # the exported safetensors predicts as well
+
+    x = torch.randn(1, 3, 20, 12)  # height and width are free in the file
+    with torch.no_grad():
+        expected = small_model(x)
+    got = onnx_session(onnx_file).run(["logits"], {"input": x.numpy()})[0]
+    assert (torch.from_numpy(got) - expected).abs().max().item() <= 1e-4
+
+    exported, original = resdense.load(st_file), resdense.load(run)
+    assert exported.classes == classes and exported.input_size == (3, 16, 16)
+    probs = [[p for _, p in m.predict(image, top_k=10)[0]] for m in (exported, original)]
+    assert probs[0] == pytest.approx(probs[1], abs=1e-5)
+    with pytest.raises(CheckpointError, match="ONNX file"):
+        resdense.load(onnx_file)
+    with pytest.raises(CheckpointError, match="batch norm folded"):
+        resdense.create_model("cifar_resnet", pretrained=st_file)

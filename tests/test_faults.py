@@ -21,7 +21,7 @@ import torch
 from resdense.cli import main
 from resdense.errors import CheckpointError, WriteError
 from resdense.train import checkpoint as ckpt
-from resdense.train import engine
+from resdense.train import engine, runner
 from resdense.train.config import TrainConfig, apply_overrides
 from resdense.train.runner import train
 from resdense.train.stop import StopNow, TrainingStopped
@@ -150,7 +150,7 @@ def test_a_second_ctrl_c_stops_at_once_and_keeps_the_last_complete_checkpoint(tm
         kwargs["should_stop"] = None
         return real_stop(*args, **kwargs)
 
-    monkeypatch.setattr("resdense.train.runner.train_one_epoch", no_step_boundary)
+    monkeypatch.setattr(runner, "train_one_epoch", no_step_boundary)
     with pytest.raises(StopNow) as stopped:
         train(cfg(run))
     assert stopped.value.exit_code == 130

@@ -317,17 +317,52 @@ def onnx_session(path: Union[str, Path], threads: Optional[int] = None) -> Any:
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
-def _export_onnx(model: nn.Module, x: torch.Tensor, tmp: Path, reference: torch.Tensor, check: bool) -> Optional[float]:
+def spatial_size_is_free(model: nn.Module) -> bool:
+    """Whether ``model`` takes any height and width: every adaptive pooling pools to 1x1 (a
+    pooling to a fixed grid, as VGG's ImageNet head, is exported for one input size only)."""
+    pools = (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
+    return all(m.output_size in (1, (1, 1)) for m in model.modules() if isinstance(m, pools))
+
+
+def onnx_metadata(meta: dict[str, Any], input_shape: tuple[int, ...], num_classes: int) -> dict[str, str]:
+    """The metadata_props of an exported ONNX file: what ``resdense predict`` needs (model name,
+    class names, mean, std, input size; JSON values). A freshly built model has no classes or
+    normalisation of its own: its outputs are numbered and its inputs taken as they are."""
+    chans = int(input_shape[0])
+    props = {"model": meta.get("model"), "input_size": list(meta.get("input_size") or input_shape),
+             "classes": meta.get("classes") or [str(i) for i in range(num_classes)],
+             "mean": meta.get("mean") or [0.0] * chans, "std": meta.get("std") or [1.0] * chans}
+    return {k: json.dumps(v) for k, v in props.items()}
+
+
+def _export_onnx(model: nn.Module, x: torch.Tensor, tmp: Path, reference: torch.Tensor, check: bool,
+                 metadata: dict[str, str]) -> Optional[float]:
     require_onnxruntime()
+    import onnx
+
+    free = spatial_size_is_free(model)
+    axes = {0: "batch", 2: "height", 3: "width"} if free else {0: "batch"}
     with _quiet():
         # The TorchScript-based exporter needs no extra packages; the dynamo one needs onnxscript.
         torch.onnx.export(model, (x,), str(tmp), dynamo=False, input_names=["input"], output_names=["logits"],
-                          dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, opset_version=17)
+                          dynamic_axes={"input": axes, "logits": {0: "batch"}}, opset_version=17)
+    graph = onnx.load(str(tmp))
+    for key, value in metadata.items():
+        graph.metadata_props.add(key=key, value=value)
+    onnx.save(graph, str(tmp))
     if not check:
         return None
     sess = onnx_session(tmp)
     out = sess.run(["logits"], {"input": x.detach().cpu().numpy()})[0]
-    return _max_abs_diff(torch.from_numpy(out), reference)
+    diff = _max_abs_diff(torch.from_numpy(out), reference)
+    if free:  # the dynamic height and width must really be free: check another size too
+        other = torch.randn(1, x.shape[1], x.shape[2] + 8, x.shape[3] + 4, generator=torch.Generator().manual_seed(1))
+        with torch.no_grad():
+            expected = model(other.to(x.device))
+        got = torch.from_numpy(sess.run(["logits"], {"input": other.numpy()})[0])
+        # Held to its own output's tolerance, stated on the scale of the first check's.
+        diff = max(diff, _max_abs_diff(got, expected) * export_tolerance(reference) / export_tolerance(expected))
+    return diff
 
 
 def _export_torchscript(model: nn.Module, x: torch.Tensor, tmp: Path, reference: torch.Tensor,
@@ -367,7 +402,9 @@ def export_model(model: nn.Module, path: Union[str, Path], fmt: str, *, example_
     The file is written to a temporary name, reloaded (onnxruntime for ONNX) and run on
     ``example_input``; only if it matches the original eval model (max abs difference at most
     1e-3, times the output's magnitude where that exceeds 1) is it renamed onto ``path``. ONNX
-    files have a dynamic batch axis (input ``input``, output ``logits``). ``fold_bn`` exports the BN-folded model (a safetensors file then holds the
+    files have a dynamic batch axis (input ``input``, output ``logits``), dynamic height and width
+    where the model takes any (:func:`spatial_size_is_free`; checked at a second size), and the
+    model name, class names, mean, std and input size in their metadata (:func:`onnx_metadata`). ``fold_bn`` exports the BN-folded model (a safetensors file then holds the
     folded weights, without BN entries). ``metadata`` (JSON-able) is stored in a safetensors
     header under ``"resdense"``, with the model's name added when known.
     """
@@ -389,7 +426,8 @@ def export_model(model: nn.Module, path: Union[str, Path], fmt: str, *, example_
 
     with _atomic_path(path) as tmp:
         if fmt == "onnx":
-            diff = _export_onnx(net, example_input, tmp, reference, check)
+            props = onnx_metadata(meta, tuple(example_input.shape[1:]), int(reference.shape[1]))
+            diff = _export_onnx(net, example_input, tmp, reference, check, props)
         elif fmt == "torchscript":
             diff = _export_torchscript(net, example_input, tmp, reference, check)
         else:

@@ -65,6 +65,9 @@ _NON_FINITE = {"nan": math.nan, "inf": math.inf, "+inf": math.inf, "-inf": -math
                "infinity": math.inf, "-infinity": -math.inf}
 
 
+_BOOLEANS = {"true": True, "false": False}
+
+
 def parse_overrides(items: list[str] | None, flag: str = "--arg", example: str = "depth=110") -> dict[str, Any]:
     """['depth=110', 'shortcut=B'] -> {'depth': 110, 'shortcut': 'B'} (values as Python literals
     where they parse as one, strings otherwise). ``flag`` and ``example`` are for the messages."""
@@ -73,8 +76,12 @@ def parse_overrides(items: list[str] | None, flag: str = "--arg", example: str =
         key, sep, value = item.partition("=")
         if not sep or not key.isidentifier():
             raise UserError(f"{flag} must look like key=value (e.g. {flag} {example}); got {item!r}")
-        if value.strip().lower() in _NON_FINITE:
-            out[key] = _NON_FINITE[value.strip().lower()]
+        word = value.strip().lower()
+        if word in _NON_FINITE:
+            out[key] = _NON_FINITE[word]
+            continue
+        if word in _BOOLEANS:  # as a YAML config file writes them; "none" stays a word (shortcut=none)
+            out[key] = _BOOLEANS[word]
             continue
         try:
             out[key] = ast.literal_eval(value)

@@ -57,7 +57,7 @@ def _from_model(args: argparse.Namespace) -> tuple[Any, dict[str, Any], Path]:
         model = create_model(args.model, **kwargs)
     except TypeError as e:  # an argument the builder does not take
         raise ConfigError(f"{args.model}: {e}; see `resdense export --help` for -a KEY=VALUE") from None
-    meta = {"model": args.model, "kwargs": {k: v for k, v in kwargs.items() if v is not None},
+    meta = {"model": args.model, "model_kwargs": {k: v for k, v in kwargs.items() if v is not None},
             "input_size": list(input_size)}
     return model.eval(), meta, Path(args.model)
 

@@ -50,7 +50,9 @@ def register(sub: Any) -> None:
     p.add_argument("--classes", metavar="FILE|a,b,c", help="class names in output order (default: CIFAR-10's for "
                    "CIFAR layouts with 10 outputs, else 0..N-1)")
     p.add_argument("--mean", type=_floats, metavar="M,M,M", help="input normalisation the weights were trained with "
-                   "(default: ImageNet's for torchvision/timm, CIFAR-10's for CIFAR layouts)")
+                   "(default: what the file stores (its wrapper, normalisation buffers, safetensors header, a "
+                   "config.json beside it), else ImageNet's for torchvision/timm and CIFAR-10's for CIFAR layouts, "
+                   "said in one line)")
     p.add_argument("--std", type=_floats, metavar="S,S,S")
     p.add_argument("--input-size", type=int, metavar="PX", help="the image size the weights were trained at "
                    "(default: 224 for torchvision/timm, 32 for CIFAR layouts); predict resizes to it")
@@ -74,6 +76,12 @@ def cmd_import(args: argparse.Namespace) -> int:
                         input_size=args.input_size, data=args.data, model_kwargs=kwargs, overwrite=args.overwrite)
     done = import_checkpoint(req)
     meta = done.meta
+    source = meta["imported"]["normalisation"]
+    if done.assumed:
+        print(done.assumed)
+    elif source != "given":
+        print(f"normalisation from {source}: mean {','.join(f'{v:g}' for v in meta['mean'])}, "
+              f"std {','.join(f'{v:g}' for v in meta['std'])}")
     n = len(meta["classes"])
     print(f"imported {meta['imported']['format']} weights of {meta['model']} ({n} classes, "
           f"{meta['model_kwargs']['in_chans']} input channels) into {args.out}; checkpoint {done.checkpoint}")

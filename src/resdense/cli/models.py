@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import inspect
 from typing import Any
 
 from ..analysis.complexity import ModelInfo, model_info
 from ..errors import ConfigError, UserError
-from ..models import list_models, model_entry
+from ..models import list_models, model_description, model_entry
 from ._util import human, parse_overrides, parse_size, print_json
 
 
@@ -35,8 +34,7 @@ def cmd_list(args: argparse.Namespace) -> int:
         raise UserError(f"no model matches {args.pattern!r}; run `resdense list` for all of them")
     if not args.info:
         for name in names:
-            doc = inspect.getdoc(model_entry(name).fn) or ""
-            print(f"{name:22s} {doc.splitlines()[0] if doc else ''}")
+            print(f"{name:22s} {model_description(name)}")
         return 0
     print(f"{'model':22s} {'input':>10s} {'params':>12s} {'MACs':>9s}")
     for name in names:

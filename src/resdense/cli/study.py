@@ -49,21 +49,27 @@ def register(sub: Any) -> None:
 
 def cmd_list(args: argparse.Namespace) -> int:
     from ..studies import STUDIES, StudyConfig
+    from ..studies.spec import UNCALIBRATED
 
     for spec in STUDIES.values():
         print(f"{spec.name}: {spec.summary}")
         print(f"  presets: {', '.join(spec.presets)}")
         for preset in spec.presets:
             print(f"  budget of preset {preset}: {_preset_budget(spec, preset)}")
+            for what, note in (("not yet calibrated", UNCALIBRATED.get(preset)), ("measured", spec.measured.get(preset))):
+                if note:
+                    print(f"    {what}: {note}")
         # Claims depend on the preset (a short budget leaves some undecided): list each once,
         # with the presets that decide it.
         by_preset = {p: spec.claims(StudyConfig(study=spec.name, preset=p, options=dict(spec.default_options)))
                      for p in spec.presets}
         deciders: dict[str, list[str]] = {}
+        first: dict[str, Any] = {}  # each claim as its first preset words it (some exist on some presets only)
         for preset, claims in by_preset.items():
             for c in claims:
                 deciders.setdefault(c.id, []).extend([preset] if c.tested else [])
-        for claim in next(iter(by_preset.values())):
+                first.setdefault(c.id, c)
+        for claim in first.values():
             tested = deciders[claim.id]
             print(f"  claim: {claim.text} [{claim.contrast} {claim.predicted}]"
                   f" (decided by preset{'s' if len(tested) > 1 else ''} {', '.join(tested)})")

@@ -98,7 +98,8 @@ def register(sub: Any) -> None:
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("predict", help="top-k classes of image files")
-    p.add_argument("--checkpoint", required=True, metavar="RUN_DIR[/best|/last]")
+    p.add_argument("--checkpoint", required=True, metavar="RUN_DIR[/best|/last]|FILE",
+                   help="a run, or a .onnx or .safetensors file written by `resdense export`")
     p.add_argument("--top-k", type=positive_int, default=3)
     p.add_argument("--json", action="store_true")
     p.add_argument("images", nargs="+", metavar="IMAGE")

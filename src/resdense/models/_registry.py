@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
+import inspect
+import re
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -96,13 +98,20 @@ def model_entry(name: str) -> ModelEntry:
     return _REGISTRY.get(name)
 
 
-def create_model(name: str, **kwargs: Any) -> nn.Module:
+def create_model(name: str, pretrained: Any = None, **kwargs: Any) -> nn.Module:
     """Build a registered model. Keyword arguments set to ``None`` are dropped, so callers can
     forward optional command-line values without knowing each builder's defaults.
+
+    ``pretrained`` (a run directory, an ``import`` output or an exported ``.safetensors`` file)
+    loads that checkpoint's weights, with its builder arguments under ``kwargs``; a checkpoint of
+    another model is a :class:`~resdense.errors.CheckpointError`. The model keeps what the
+    checkpoint knows in ``pretrained_cfg`` (``classes``, ``mean``, ``std``, ``input_size``).
 
     A setting the model does not take (or that its spec fixes) raises a
     :class:`~resdense.errors.ConfigError` naming the model and the settings it does take."""
     entry = _REGISTRY.get(name)
+    if pretrained is not None:
+        return _create_pretrained(name, pretrained, kwargs)
     try:
         model = entry.fn(**{k: v for k, v in kwargs.items() if v is not None})
     except UnknownSettingError as e:
@@ -112,6 +121,40 @@ def create_model(name: str, **kwargs: Any) -> nn.Module:
         accepted = dict.fromkeys((*keyword_settings(entry.fn), *e.accepted))
         raise UnknownSettingError(name, e.unknown, e.fixed, accepted, e.target) from None
     model.model_name = name
+    return model
+
+
+# Sphinx roles (:func:`~a.b`), literals (``x``) and plain back-quotes, kept as their text.
+_ROLE = re.compile(r":\w+:`~?(?:[\w.]*\.)?([^`]+)`")
+_LITERAL = re.compile(r"`{1,2}([^`]+)`{1,2}")
+
+
+def plain_text(doc: str) -> str:
+    """``doc``'s first paragraph as one line of plain text: lines joined, Sphinx markup removed."""
+    paragraph = " ".join(line.strip() for line in doc.strip().split("\n\n")[0].splitlines())
+    return _LITERAL.sub(r"\1", _ROLE.sub(r"\1", paragraph)).strip()
+
+
+def model_description(name: str) -> str:
+    """One plain sentence about model ``name``: its registered function's docstring (first
+    paragraph, without markup), or, where it has none, what its registry entry says."""
+    entry = _REGISTRY.get(name)
+    text = plain_text(inspect.getdoc(entry.fn) or "")
+    if not text:
+        size = "x".join(map(str, entry.input_size))
+        source = f" as in {entry.paper.source}" if entry.paper is not None and entry.paper.source else ""
+        text = f"A {entry.family} network for {size} inputs{source}"
+    return text if text.endswith(".") else text + "."
+
+
+def _create_pretrained(name: str, source: Any, kwargs: dict[str, Any]) -> nn.Module:
+    from ..api import pretrained_weights
+    from ..train.checkpoint import load_weights
+
+    builder_kwargs, weights, meta = pretrained_weights(name, source, kwargs)
+    model = create_model(name, **builder_kwargs)
+    load_weights(model, weights, source=str(source))
+    model.pretrained_cfg = {k: meta.get(k) for k in ("classes", "mean", "std", "input_size")}
     return model
 
 

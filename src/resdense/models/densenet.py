@@ -268,31 +268,37 @@ def cifar_densenet(depth: int = 40, growth_rate: int = 12, bc: bool = False, **k
 
 @register_model(**_CIFAR, paper=_paper(1.0e6, 5.24))
 def densenet40_k12(**kwargs) -> DenseNet:
+    """CIFAR DenseNet with depth 40 and growth rate 12 (no bottlenecks, no compression)."""
     return _cifar(40, 12, False, kwargs)
 
 
 @register_model(**_CIFAR, paper=_paper(7.0e6, 4.10))
 def densenet100_k12(**kwargs) -> DenseNet:
+    """CIFAR DenseNet with depth 100 and growth rate 12 (no bottlenecks, no compression)."""
     return _cifar(100, 12, False, kwargs)
 
 
 @register_model(**_CIFAR, paper=_paper(27.2e6, 3.74))
 def densenet100_k24(**kwargs) -> DenseNet:
+    """CIFAR DenseNet with depth 100 and growth rate 24 (no bottlenecks, no compression)."""
     return _cifar(100, 24, False, kwargs)
 
 
 @register_model(**_CIFAR, paper=_paper(0.8e6, 4.51))
 def densenet_bc100_k12(**kwargs) -> DenseNet:
+    """CIFAR DenseNet-BC with depth 100 and growth rate 12 (bottlenecks, compression 0.5)."""
     return _cifar(100, 12, True, kwargs)
 
 
 @register_model(**_CIFAR, paper=_paper(15.3e6, 3.62))
 def densenet_bc250_k24(**kwargs) -> DenseNet:
+    """CIFAR DenseNet-BC with depth 250 and growth rate 24 (bottlenecks, compression 0.5)."""
     return _cifar(250, 24, True, kwargs)
 
 
 @register_model(**_CIFAR, paper=_paper(25.6e6, 3.46))
 def densenet_bc190_k40(**kwargs) -> DenseNet:
+    """CIFAR DenseNet-BC with depth 190 and growth rate 40 (bottlenecks, compression 0.5)."""
     return _cifar(190, 40, True, kwargs)
 
 
@@ -314,24 +320,29 @@ _IMAGENET = dict(input_size=(3, 224, 224), family="densenet")
 
 @register_model(**_IMAGENET)
 def densenet121(**kwargs) -> DenseNet:
+    """ImageNet DenseNet-BC-121: dense blocks of 6, 12, 24 and 16 layers, growth rate 32."""
     return _imagenet((6, 12, 24, 16), kwargs)
 
 
 @register_model(**_IMAGENET)
 def densenet161(**kwargs) -> DenseNet:
+    """ImageNet DenseNet-BC-161: dense blocks of 6, 12, 36 and 24 layers, growth rate 48."""
     return _imagenet((6, 12, 36, 24), kwargs, growth_rate=48, num_init_features=96)
 
 
 @register_model(**_IMAGENET)
 def densenet169(**kwargs) -> DenseNet:
+    """ImageNet DenseNet-BC-169: dense blocks of 6, 12, 32 and 32 layers, growth rate 32."""
     return _imagenet((6, 12, 32, 32), kwargs)
 
 
 @register_model(**_IMAGENET)
 def densenet201(**kwargs) -> DenseNet:
+    """ImageNet DenseNet-BC-201: dense blocks of 6, 12, 48 and 32 layers, growth rate 32."""
     return _imagenet((6, 12, 48, 32), kwargs)
 
 
 @register_model(**_IMAGENET)
 def densenet264(**kwargs) -> DenseNet:
+    """ImageNet DenseNet-BC-264: dense blocks of 6, 12, 64 and 48 layers, growth rate 32."""
     return _imagenet((6, 12, 64, 48), kwargs)

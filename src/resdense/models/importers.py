@@ -18,6 +18,7 @@ module turns such files into a model:
 
 from __future__ import annotations
 
+import math
 import pickle
 import re
 import warnings
@@ -57,6 +58,7 @@ class Layout:
     input_size: int
     classes: tuple[str, ...] = ()         # default names, used when the head has this many outputs
     data: Optional[str] = None            # the dataset such weights are trained on (eval's default)
+    stats: str = "ImageNet's"             # whose mean and std ``mean``/``std`` are, in words
 
 
 # torchvision < 0.4 DenseNets named the layers inside a dense layer "norm.1", "conv.2" ...;
@@ -71,9 +73,112 @@ LAYOUTS: Mapping[str, Layout] = {layout.name: layout for layout in (
     # projection shortcut `shortcut` (conv, bn) where resdense (and torchvision) say `downsample`.
     Layout("cifar", "CIFAR-repository checkpoint (CIFAR-10 weights)",
            ((r"^linear\.", "fc."), (r"\.shortcut\.([01])\.", r".downsample.\1.")),
-           CIFAR10_MEAN, CIFAR10_STD, 32, CIFAR10_CLASSES, "cifar10"),
+           CIFAR10_MEAN, CIFAR10_STD, 32, CIFAR10_CLASSES, "cifar10", "CIFAR-10's"),
 )}
 FORMATS = ("auto", "resdense", *LAYOUTS)
+
+
+# --- the normalisation the weights were trained with, where the source stores it -------------
+
+# (mean, std) names: plain, RobustBench's `mu`/`sigma` buffers, the robustness library's normaliser.
+_STAT_NAMES = (("mean", "std"), ("mu", "sigma"), ("new_mean", "new_std"))
+# Entries of a checkpoint (or of a config.json beside it) that may hold mean and std: timm's
+# pretrained_cfg / data config, training scripts' saved arguments and hyper-parameters.
+_STAT_HOLDERS = ("normalization", "normalisation", "normalize", "normalizer", "norm", "pretrained_cfg",
+                 "default_cfg", "data_config", "config", "cfg", "args", "hparams", "hyper_parameters")
+MAX_CHANNELS = 4  # mean/std of more values than an image has channels are not a normalisation
+
+
+@dataclass(frozen=True)
+class Normalisation:
+    """The mean and std the weights' inputs were normalised with, and where they were found."""
+
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    where: str
+
+
+def _stat_values(value: Any) -> Optional[tuple[float, ...]]:
+    if isinstance(value, torch.Tensor):
+        # A float32 buffer holds 0.4 as 0.4000000059...: keep the 7 digits it carries.
+        digits = 16 if value.dtype == torch.float64 else 7
+        value = [float(f"{v:.{digits}g}") for v in value.detach().flatten().tolist()] \
+            if value.is_floating_point() and value.numel() <= MAX_CHANNELS else None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        value = [value]
+    if not isinstance(value, (list, tuple)) or not 1 <= len(value) <= MAX_CHANNELS:
+        return None
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value):
+        return None
+    return tuple(float(v) for v in value)
+
+
+def _stat_pair(mapping: Mapping[str, Any], prefix: str = "") -> Optional[tuple[str, str, tuple, tuple]]:
+    """The first (mean key, std key, mean, std) of ``mapping`` (keys ``prefix`` + a name pair)."""
+    for m, s in _STAT_NAMES:
+        mean, std = _stat_values(mapping.get(prefix + m)), _stat_values(mapping.get(prefix + s))
+        if mean and std and len(mean) == len(std) and all(v > 0 for v in std):
+            return prefix + m, prefix + s, mean, std
+    return None
+
+
+def _in_mapping(obj: Mapping[str, Any], where: str) -> Optional[Normalisation]:
+    for holder, inner in [("", obj), *((k, obj[k]) for k in _STAT_HOLDERS if isinstance(obj.get(k), Mapping))]:
+        found = _stat_pair(inner)
+        if found:
+            return Normalisation(found[2], found[3], f"{where}'s {holder!r} entry" if holder else where)
+    return None
+
+
+def _in_buffers(state: Mapping[str, torch.Tensor]) -> tuple[Optional[Normalisation], tuple[str, ...]]:
+    """Normalisation stored as buffers of a wrapping module (``normalizer.new_mean`` ...), and their keys."""
+    prefixes = sorted({key.rsplit(".", 1)[0] + "." if "." in key else "" for key in state}, key=len)
+    for prefix in prefixes:
+        found = _stat_pair(state, prefix)
+        if found:
+            return Normalisation(found[2], found[3], f"its buffers {found[0]}/{found[1]}"), found[:2]
+    return None, ()
+
+
+def _beside(path: Path) -> Optional[Normalisation]:
+    """A safetensors header's metadata, else a Hugging Face ``config.json`` beside the file (timm
+    keeps mean and std in its ``pretrained_cfg``)."""
+    import json
+
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as f:
+            header = dict(f.metadata() or {})
+        decoded = {}
+        for key, text in header.items():
+            try:
+                decoded[key] = json.loads(text)
+            except ValueError:
+                decoded[key] = text
+        found = _in_mapping(decoded, "its safetensors header")
+        if found is None and isinstance(decoded.get("resdense"), Mapping):
+            found = _in_mapping(decoded["resdense"], "its safetensors header")
+        if found:
+            return found
+    config = path.parent / "config.json"
+    try:
+        data = json.loads(config.read_text(encoding="utf-8")) if config.is_file() else None
+    except (OSError, ValueError):
+        return None  # not the model's config after all: the layout's defaults apply, and are announced
+    return _in_mapping(data, str(config)) if isinstance(data, Mapping) else None
+
+
+def take_normalisation(obj: Any, state: dict[str, torch.Tensor], path: str | Path) -> tuple[
+        dict[str, torch.Tensor], Optional[Normalisation]]:
+    """The normalisation ``path`` stores (in its wrapper, as buffers of its state dict, in its
+    safetensors header or a ``config.json`` beside it), and the state dict without such buffers."""
+    wrapped = isinstance(obj, Mapping) and not _is_state_dict(obj)  # a bare state dict's entries are buffers
+    found = _in_mapping(obj, "the checkpoint") if wrapped else None
+    buffers, keys = _in_buffers(state)
+    if buffers is not None:
+        state = {k: v for k, v in state.items() if k not in keys}
+    return state, found or buffers or _beside(Path(path))
 
 
 def read_checkpoint(path: str | Path) -> Any:

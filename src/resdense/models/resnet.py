@@ -252,31 +252,37 @@ def cifar_preact_resnet(depth: int = 110, bottleneck: bool = False, **kwargs) ->
 
 @register_model(**_CIFAR, paper=_paper(0.27e6, 8.75))
 def resnet20(**kwargs) -> ResNet:
+    """CIFAR ResNet-20 of the paper: 3 basic blocks per stage, shortcut option A."""
     return _cifar(BasicBlock, 3, kwargs)
 
 
 @register_model(**_CIFAR, paper=_paper(0.46e6, 7.51))
 def resnet32(**kwargs) -> ResNet:
+    """CIFAR ResNet-32 of the paper: 5 basic blocks per stage, shortcut option A."""
     return _cifar(BasicBlock, 5, kwargs)
 
 
 @register_model(**_CIFAR, paper=_paper(0.66e6, 7.17))
 def resnet44(**kwargs) -> ResNet:
+    """CIFAR ResNet-44 of the paper: 7 basic blocks per stage, shortcut option A."""
     return _cifar(BasicBlock, 7, kwargs)
 
 
 @register_model(**_CIFAR, paper=_paper(0.85e6, 6.97))
 def resnet56(**kwargs) -> ResNet:
+    """CIFAR ResNet-56 of the paper: 9 basic blocks per stage, shortcut option A."""
     return _cifar(BasicBlock, 9, kwargs)
 
 
 @register_model(**_CIFAR, paper=_paper(1.7e6, 6.43))
 def resnet110(**kwargs) -> ResNet:
+    """CIFAR ResNet-110 of the paper: 18 basic blocks per stage, shortcut option A."""
     return _cifar(BasicBlock, 18, kwargs)
 
 
 @register_model(**_CIFAR, paper=_paper(19.4e6, 7.93))
 def resnet1202(**kwargs) -> ResNet:
+    """CIFAR ResNet-1202 of the paper: 200 basic blocks per stage, shortcut option A."""
     return _cifar(BasicBlock, 200, kwargs)
 
 
@@ -322,16 +328,19 @@ def plain1202(**kwargs) -> ResNet:
 
 @register_model(**_CIFAR)
 def preact_resnet110(**kwargs) -> ResNet:
+    """Pre-activation CIFAR ResNet-110: 18 basic blocks per stage, 1x1 projections where the shape changes."""
     return _cifar(PreActBasicBlock, 18, {"shortcut": "B", **kwargs})
 
 
 @register_model(**_CIFAR, paper=_preact_paper(1.7e6, 5.46))
 def preact_resnet164(**kwargs) -> ResNet:
+    """Pre-activation CIFAR ResNet-164: 18 bottleneck blocks per stage, 1x1 projections where the shape changes."""
     return _cifar(PreActBottleneck, 18, {"shortcut": "B", **kwargs})
 
 
 @register_model(**_CIFAR, paper=_preact_paper(10.2e6, 4.92))
 def preact_resnet1001(**kwargs) -> ResNet:
+    """Pre-activation CIFAR ResNet-1001: 111 bottleneck blocks per stage, 1x1 projections where the shape changes."""
     return _cifar(PreActBottleneck, 111, {"shortcut": "B", **kwargs})
 
 

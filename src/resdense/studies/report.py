@@ -20,7 +20,7 @@ from typing import Any, Optional
 from .._io import atomic_write_text
 from ..errors import ConfigError
 from ..outputs import check_new_file
-from .spec import METRICS, StudyConfig, StudySpec, get_study
+from .spec import METRICS, UNCALIBRATED, StudyConfig, StudySpec, get_study
 from .budget import budget_text, decided_at, effect_sentences, paper_text, runs_budget
 from .stats import CONFIDENCE, DECISION_WORDS, FAMILY_ALPHA, Verdict, decide_all, measure, summary_line
 
@@ -234,7 +234,9 @@ def _setup(spec: StudySpec, study: StudyConfig, rows: list[dict[str, Any]]) -> s
     precision = sorted({r["config"].get("precision", "auto") for r in rows})
     note = spec.setup_note.format(**{**spec.default_options, **study.options}) if spec.setup_note else ""
     test = rows[0].get("test_images") if rows else None
+    uncalibrated = UNCALIBRATED.get(study.preset)
     return (f"{study.data} ({cfg.get('train_subset') or 'all'} training images), preset {study.preset} "
+            + (f"[not yet calibrated: {uncalibrated}] " if uncalibrated else "") +
             f"(recipe {cfg.get('recipe')}, {length}, batch {cfg.get('batch_size')}, lr {cfg.get('lr')} "
             f"{cfg.get('schedule')}), seeds {', '.join(map(str, sorted({r['seed'] for r in rows})))}, "
             f"precision {'/'.join(precision)}" + (f", test error on {test} test images" if test else "")

@@ -172,6 +172,11 @@ def read_meta(ckpt: Path) -> dict[str, Any]:
         meta = json.loads(path.read_bytes())
     except (OSError, ValueError, RecursionError) as e:  # ValueError: bad JSON, bad UTF-8
         raise CheckpointError(f"{path} is missing or corrupt ({e.__class__.__name__}); the checkpoint cannot be used") from None
+    return check_meta(meta, path)
+
+
+def check_meta(meta: Any, path: Path) -> dict[str, Any]:
+    """``meta`` (read from ``path``) if the fields resdense reads have their types, else a CheckpointError."""
     if not isinstance(meta, dict) or not isinstance(meta.get("model"), str):
         raise CheckpointError(f"{path} names no model; it is damaged or was not written by resdense")
     for key, kind in _META_TYPES.items():

@@ -19,8 +19,8 @@ from typing import Any, Optional, Sequence
 import torch.nn as nn
 
 from ..errors import ConfigError, UserError
-from ..models.importers import (LAYOUTS, Layout, build_from_state_dict, detect_layout, find_state_dict,
-                                read_checkpoint, rename_keys)
+from ..models.importers import (LAYOUTS, Layout, Normalisation, build_from_state_dict, detect_layout,
+                                find_state_dict, read_checkpoint, rename_keys, take_normalisation)
 from ..outputs import RUN, check_writable, clear, mark
 from ..runlock import RunLock
 from . import checkpoint as ckpt
@@ -45,9 +45,13 @@ class ImportRequest:
 
 @dataclass
 class Imported:
+    """The imported model and its metadata; ``assumed`` is None when the normalisation was given or
+    read from the file, else a line saying which one was assumed and how to change it."""
+
     model: nn.Module
     meta: dict[str, Any]
     checkpoint: Path
+    assumed: Optional[str] = None
 
 
 def _sha256(path: Path) -> str:
@@ -93,14 +97,34 @@ def _load(req: ImportRequest) -> tuple[nn.Module, dict[str, Any]]:
             raise ConfigError(f"{path} holds {meta['model']} weights, not {req.model}; drop --model or fix it")
         meta = {k: v for k, v in meta.items() if k in ("model", "model_kwargs", "data", "classes", "mean", "std",
                                                          "input_size")}
-        return model, {**meta, "format": "resdense", "layout": None}
+        norm = Normalisation(tuple(meta["mean"]), tuple(meta["std"]), f"{path}") if meta.get("mean") else None
+        return model, {**meta, "format": "resdense", "layout": None, "normalisation": norm}
     if req.model is None:
         raise ConfigError(f"{path} holds weights only; say which model they are for with --model NAME "
                           "(see `resdense list`)")
-    state, wrapper = find_state_dict(read_checkpoint(path), str(path))
+    obj = read_checkpoint(path)
+    state, wrapper = find_state_dict(obj, str(path))
+    state, norm = take_normalisation(obj, state, path)
     layout = detect_layout(state) if req.fmt == "auto" else LAYOUTS[req.fmt]
     model = build_from_state_dict(req.model, rename_keys(state, layout), source=str(path), **req.model_kwargs)
-    return model, {"model": req.model, "format": layout.name, "layout": layout, "wrapper": wrapper}
+    return model, {"model": req.model, "format": layout.name, "layout": layout, "wrapper": wrapper,
+                   "normalisation": norm}
+
+
+def _normalisation(req: ImportRequest, found: Optional[Normalisation], layout: Optional[Layout],
+                   chans: int) -> tuple[list[float], list[float], str, Optional[str]]:
+    """(mean, std, where they came from, the line announcing an assumption or None)."""
+    if req.mean is not None:
+        return _stats(req.mean, (), chans, "mean"), _stats(req.std, (), chans, "std"), "given", None
+    if found is not None:
+        return _stats(None, found.mean, chans, "mean"), _stats(None, found.std, chans, "std"), found.where, None
+    mean = _stats(None, layout.mean if layout else (), chans, "mean")
+    std = _stats(None, layout.std if layout else (), chans, "std")
+    numbers = f"mean {','.join(f'{v:g}' for v in mean)}, std {','.join(f'{v:g}' for v in std)}"
+    line = (f"{req.path} does not say how its inputs were normalised: assumed {layout.stats if layout else 'the'} "
+            f"({numbers}); if the weights were trained with another, import again with --mean M,M,M --std S,S,S "
+            "--overwrite")
+    return mean, std, "assumed", line
 
 
 def import_checkpoint(req: ImportRequest) -> Imported:
@@ -115,8 +139,7 @@ def import_checkpoint(req: ImportRequest) -> Imported:
     kwargs = {k: v for k, v in found.get("model_kwargs", {}).items()}
     kwargs.update({"num_classes": model.num_classes, "in_chans": model.in_chans, **req.model_kwargs})
     chans = int(model.in_chans)
-    mean = _stats(req.mean, found.get("mean") or (layout.mean if layout else ()), chans, "mean")
-    std = _stats(req.std, found.get("std") or (layout.std if layout else ()), chans, "std")
+    mean, std, norm_source, assumed = _normalisation(req, found.pop("normalisation"), layout, chans)
     classes = _classes(req.classes if req.classes is not None else found.get("classes"), layout, model.num_classes)
     side = req.input_size or (layout.input_size if layout else None)
     input_size = [chans, side, side] if side else found.get("input_size")
@@ -124,7 +147,7 @@ def import_checkpoint(req: ImportRequest) -> Imported:
             (layout.data if layout else None), "classes": classes, "mean": mean, "std": std,
             "input_size": input_size, "epoch": 0, "step": 0, "config": {},
             "imported": {"file": str(Path(req.path).resolve()), "format": found["format"],
-                         "wrapper": found.get("wrapper", ""),
+                         "wrapper": found.get("wrapper", ""), "normalisation": norm_source,
                          "sha256": _sha256(Path(req.path)) if Path(req.path).is_file() else None}}
     lock = RunLock(out)
     lock.acquire()
@@ -136,4 +159,4 @@ def import_checkpoint(req: ImportRequest) -> Imported:
                                        is_best=True)
     finally:
         lock.release()
-    return Imported(model, meta, written)
+    return Imported(model, meta, written, assumed)
