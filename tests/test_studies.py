@@ -276,10 +276,10 @@ def test_bad_study_input_exits_2_with_one_line(argv, expect, tmp_path, monkeypat
 def test_study_list_names_every_study_with_its_presets_and_claims():
     code, out, err = run_cli(["study", "list"])
     assert code == 0, err
-    assert out.startswith("degradation: ") and "presets: quick, smoke, paper" in out
+    assert out.startswith("degradation: ") and "presets: quick, smoke, standard, paper" in out
     assert ("claim: Degradation: plain-56 ends with higher training error than plain-20 [plain-56 − plain-20 > 0] "
-            "(decided by presets quick, smoke, paper)") in out
-    assert "[(plain-56 − plain-20) − (resnet-56 − resnet-20) > 0] (decided by presets quick, smoke, paper)" in out
+            "(decided by presets quick, smoke, standard, paper)") in out
+    assert "[(plain-56 − plain-20) − (resnet-56 − resnet-20) > 0] (decided by presets quick, smoke, standard, paper)" in out
     assert "[resnet-56 − resnet-20 < 0] (decided by preset paper)" in out
 
 

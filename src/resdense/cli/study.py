@@ -46,6 +46,9 @@ def register(sub: Any) -> None:
         s.add_argument("--retries", type=int_between(0, 10), metavar="N",
                        help="retry a run that fails up to N times, then report it as failed and go on "
                             "(default: a failure stops the study; with --slurm 2)")
+        s.add_argument("--fuse-seeds", action=argparse.BooleanOptionalAction, default=None,
+                       help="train each arm's seeds as one model, written as separate runs with their results "
+                            "(default: on CUDA, where it is faster; off on a CPU)")
         s.add_argument("--out", required=True, metavar="STUDY_DIR")
         _add_slurm_flags(s)
         s.set_defaults(func=cmd_study, spec=spec.name)
@@ -140,7 +143,8 @@ def cmd_study(args: argparse.Namespace) -> int:
         _stop_between_runs()
     try:
         result = run_study(study, jobs=args.jobs, retries=args.retries,
-                           threads=int(threads) if threads and threads.isdigit() else None, report_once=args.slurm_worker)
+                           threads=int(threads) if threads and threads.isdigit() else None, report_once=args.slurm_worker,
+                           fuse=args.fuse_seeds)
     except KeyboardInterrupt as e:
         # SIGUSR1 is the time-limit warning of the sbatch script: come back and continue. SIGTERM
         # (scancel, preemption, scontrol requeue) leaves the decision to Slurm.
@@ -181,6 +185,8 @@ def _submit(args: argparse.Namespace, spec: Any, study: Any) -> int:
     flags = []
     for name, value in study.options.items():
         flags += [f"--{name}", ",".join(map(str, value)) if isinstance(value, list) else str(value)]
+    if args.fuse_seeds is not None:  # else each task decides by its own device
+        flags.append("--fuse-seeds" if args.fuse_seeds else "--no-fuse-seeds")
     defaults = SlurmOptions()
     opts = SlurmOptions(partition=args.partition, time=args.time, cpus_per_task=args.cpus_per_task or 1,
                         gpus_per_task=args.gpus_per_task or 0, tasks=args.array_size,

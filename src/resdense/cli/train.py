@@ -79,6 +79,8 @@ def register(sub: Any) -> None:
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     add_train_arguments(p)
     p.add_argument("--seeds", type=int_list, help="several runs, e.g. 0,1,2: OUT/seed<N> each, mean ± std")
+    p.add_argument("--fuse-seeds", action="store_true", help="with --seeds: train the seeds as one model (faster on "
+                   "a GPU), written as the separate runs with their results")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--resume", action="store_true", help="continue the run in RUN_DIR exactly where it stopped")
     mode.add_argument("--overwrite", action="store_true", help="replace the run in RUN_DIR")
@@ -155,10 +157,13 @@ def cmd_train(args: argparse.Namespace) -> int:
         from ..train.distributed import launch
 
         return launch(args.nproc, args.argv)
+    if args.fuse_seeds and not args.seeds:
+        raise ConfigError("--fuse-seeds trains the runs of --seeds together; add --seeds 0,1,2 (or drop --fuse-seeds)")
     if args.seeds:
         if args.seed is not None:
             raise ConfigError("give --seed or --seeds, not both")
-        train_seeds(cfg, args.seeds, resume=args.resume, overwrite=args.overwrite, flag_overrides=flags)
+        train_seeds(cfg, args.seeds, resume=args.resume, overwrite=args.overwrite, flag_overrides=flags,
+                    fuse=args.fuse_seeds)
     else:
         from ..train.distributed import maybe_init_distributed
 

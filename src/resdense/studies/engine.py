@@ -104,17 +104,31 @@ def _train_run(run: RunSpec, lock: RunLock, quiet: bool) -> None:
             train(run.config, resume=True, lock=lock)
 
 
-def work(runs: list[RunSpec], log: Log = print, quiet: bool = False, threads: Optional[int] = None,
-         device: Optional[str] = None, retries: Optional[int] = None) -> list[str]:
-    """Train every run of ``runs`` that is unfinished and not held by another process; return
-    the names of the runs this call trained. ``retries``: a run that raises is recorded as failed
-    and skipped (``None``: the error stops the caller, as a bug should when nobody retries)."""
+def _with_machine(run: RunSpec, threads: Optional[int], device: Optional[str]) -> RunSpec:
+    """The run on this process's share of the machine (``threads``, ``device``), if given."""
     import dataclasses
 
+    if not (threads or device):
+        return run
+    return dataclasses.replace(run, config=dataclasses.replace(
+        run.config, **({"threads": threads} if threads else {}), **({"device": device} if device else {})))
+
+
+def work(runs: list[RunSpec], log: Log = print, quiet: bool = False, threads: Optional[int] = None,
+         device: Optional[str] = None, retries: Optional[int] = None, fuse: bool = False) -> list[str]:
+    """Train every run of ``runs`` that is unfinished and not held by another process; return
+    the names of the runs this call trained. ``retries``: a run that raises is recorded as failed
+    and skipped (``None``: the error stops the caller, as a bug should when nobody retries). With
+    ``fuse``, the runs that differ only in their seed train fused (see :func:`.fusing.work_fused`;
+    a fused group's error stops the caller: retries are for runs trained one by one)."""
     import torch
 
     if threads:
         torch.set_num_threads(threads)
+    if fuse:
+        from .fusing import fuse_groups, work_fused
+
+        return [name for group in fuse_groups(runs) for name in work_fused(group, log, quiet, threads, device)]
     trained = []
     for run in runs:
         run_dir = Path(run.config.out)
@@ -126,9 +140,7 @@ def work(runs: list[RunSpec], log: Log = print, quiet: bool = False, threads: Op
         try:
             if finished(run_dir) or gave_up(run_dir):  # finished (or given up) between our look and our lock
                 continue
-            if threads or device:
-                run = dataclasses.replace(run, config=dataclasses.replace(
-                    run.config, **({"threads": threads} if threads else {}), **({"device": device} if device else {})))
+            run = _with_machine(run, threads, device)
             log(f"{run.name}: {'resuming' if (run_dir / 'config.json').is_file() else 'training'} (pid {os.getpid()})")
             try:
                 _train_run(run, lock, quiet)
@@ -169,7 +181,7 @@ def _stopped(out: Path, exc: BaseException) -> StudyStopped:
 
 
 def _worker(study_dict: dict[str, Any], index: int, threads: int, device: Optional[str],
-            retries: Optional[int] = None) -> list[str]:
+            retries: Optional[int] = None, fuse: bool = False) -> list[str]:
     """One process of ``--jobs N``: the same claim loop over the same runs, longest first (so the
     short ones fill the gaps at the end instead of a long one running alone), started at a
     different place so the jobs take different runs first."""
@@ -177,7 +189,7 @@ def _worker(study_dict: dict[str, Any], index: int, threads: int, device: Option
     runs = get_study(study.study).runs(study)
     runs = sorted(runs, key=WorkCost(), reverse=True)
     order = runs[index:] + runs[:index]
-    return work(order, log=_silent, quiet=True, threads=threads, device=device, retries=retries)
+    return work(order, log=_silent, quiet=True, threads=threads, device=device, retries=retries, fuse=fuse)
 
 
 def _silent(message: str) -> None:
@@ -289,12 +301,13 @@ def start_study(study: StudyConfig, log: Log = print) -> tuple[StudySpec, list[R
 
 
 def run_study(study: StudyConfig, jobs: int = 1, log: Log = print, retries: Optional[int] = None,
-              threads: Optional[int] = None, report_once: bool = False) -> dict[str, Any]:
+              threads: Optional[int] = None, report_once: bool = False, fuse: Optional[bool] = None) -> dict[str, Any]:
     """Train (this process's share of) the study's runs; when every run is finished, write
     ``results.jsonl`` and the report. Returns ``{"complete": bool, "trained": [...], "report": ...,
     "failed": [...]}``. ``retries``: see :func:`work`; ``threads``: torch threads of each run;
     ``report_once``: leave a report newer than every run as it is (the tasks of a job array that
-    end together write it once)."""
+    end together write it once); ``fuse``: train the runs that differ only in their seed fused (None:
+    where that pays, on CUDA; see :mod:`.fusing`)."""
     from .report import build_report
 
     if jobs < 1:
@@ -306,12 +319,16 @@ def run_study(study: StudyConfig, jobs: int = 1, log: Log = print, retries: Opti
     if bounded:
         log(bounded)
     progress = Progress(runs, jobs)
-    log(f"{spec.name}: {len(runs)} runs in {out}, {jobs} at a time" + _skip_note(runs))
+    from .fusing import resolve_fuse
+
+    fuse = resolve_fuse(fuse, runs, log)
+    log(f"{spec.name}: {len(runs)} runs in {out}, {jobs} at a time" + (", seeds fused" if fuse else "")
+        + _skip_note(runs))
     try:
         if jobs == 1:
-            trained = _serial(runs, progress, log, retries, threads)
+            trained = _serial(runs, progress, log, retries, threads, fuse)
         else:
-            trained = _parallel(study, runs, jobs, progress, log, retries)
+            trained = _parallel(study, runs, jobs, progress, log, retries, fuse)
     except StudyStopped:
         raise
     except KeyboardInterrupt as e:  # Ctrl-C, SIGTERM (a run's TrainingStopped): say how to continue
@@ -356,18 +373,21 @@ def _free(run: RunSpec) -> bool:
 
 
 def _serial(runs: list[RunSpec], progress: Progress, log: Log, retries: Optional[int],
-            threads: Optional[int]) -> list[str]:
+            threads: Optional[int], fuse: bool = False) -> list[str]:
     """Pass over the runs until none is free. Another pass picks up a run that a process holding it
-    left unfinished meanwhile (preempted, killed) and a failed run with retries left."""
+    left unfinished meanwhile (preempted, killed) and a failed run with retries left. With ``fuse``,
+    the free runs that differ only in their seed are taken as one unit."""
+    from .fusing import fuse_groups
+
     trained: list[str] = []
     for _ in range(len(runs) * (MAX_RETRIES + 2)):  # each pass finishes, fails or leaves a run to its holder
         free = [run for run in runs if _free(run)]
         if not free:
             break
-        for run in free:
-            if _free(run):
+        for unit in (fuse_groups(free) if fuse else [[run] for run in free]):
+            if any(_free(run) for run in unit):
                 log(progress.line())
-                trained += work([run], log=log, retries=retries, threads=threads)
+                trained += work(unit, log=log, retries=retries, threads=threads, fuse=fuse)
     return trained
 
 
@@ -393,7 +413,7 @@ def _skip_note(runs: list[RunSpec]) -> str:
 
 
 def _parallel(study: StudyConfig, runs: list[RunSpec], jobs: int, progress: Progress, log: Log,
-              retries: Optional[int] = None) -> list[str]:
+              retries: Optional[int] = None, fuse: bool = False) -> list[str]:
     import signal
 
     import torch
@@ -402,7 +422,7 @@ def _parallel(study: StudyConfig, runs: list[RunSpec], jobs: int, progress: Prog
     trained: list[str] = []
     # spawn: a fork of a process that has used OpenMP threads may deadlock.
     with ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn")) as pool:
-        futures = [pool.submit(_worker, study.to_dict(), i, threads, _device_for(i), retries) for i in range(jobs)]
+        futures = [pool.submit(_worker, study.to_dict(), i, threads, _device_for(i), retries, fuse) for i in range(jobs)]
 
         def pass_on_sigterm(signum: int, frame: Any) -> None:
             # Ctrl-C reaches the workers by itself (one process group); a SIGTERM sent to this

@@ -125,6 +125,8 @@ class TrainConfig:
                                      "else fp32", Flag(choices=("auto", "bf16", "fp32")))
     channels_last: bool = setting(True, "channels-last memory format for the model and its inputs")
     compile: bool = setting(False, "torch.compile the model (opt-in)", Flag())
+    cuda_graphs: bool = setting(False, "capture each training step's forward and backward in CUDA graphs (static "
+                                       "shapes: full batches, one graph per image size); CUDA only", Flag())
     deterministic: bool = setting(False, "deterministic algorithms only", Flag())
     threads: Optional[int] = setting(None, "CPU threads for PyTorch", Flag(positive=True))
     sync_bn: bool = setting(False, "with several CUDA processes: batch norm over the global batch (default: per "

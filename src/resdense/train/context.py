@@ -22,7 +22,7 @@ from ..data.loader import Augment, TensorLoader
 from ..errors import ConfigError
 from ..hardware import resolve_device, resolve_precision
 from ..models import create_model
-from . import finetune
+from . import finetune, graphs
 from .config import TrainConfig
 from .schedule import short_run_total
 
@@ -68,12 +68,16 @@ class RunContext:
     rank: int = 0
 
 
+def drop_rate(cfg: TrainConfig) -> Optional[float]:
+    """The dropout rate the run's settings give the model builder (None: the model's own)."""
+    return cfg.drop_rate if cfg.drop_rate is not None else (cfg.drop_rate_without_augment if not cfg.augment else None)
+
+
 def _model_kwargs(cfg: TrainConfig, splits: Any) -> dict[str, Any]:
     kwargs = dict(cfg.model_kwargs)
     kwargs.setdefault("num_classes", splits.num_classes)
     kwargs.setdefault("in_chans", splits.in_chans)
-    drop = cfg.drop_rate if cfg.drop_rate is not None else (
-        cfg.drop_rate_without_augment if not cfg.augment else None)
+    drop = drop_rate(cfg)
     if drop is not None:
         kwargs.setdefault("drop_rate", drop)
     return kwargs
@@ -119,7 +123,9 @@ def _wrap(model: nn.Module, cfg: TrainConfig, device: torch.device, world_size: 
     if world_size > 1:
         train_model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
-    if cfg.compile:
+    if cfg.cuda_graphs:  # compiled too, for CUDA-graph replay
+        train_model = graphs.GraphStep(train_model)
+    elif cfg.compile:
         train_model = torch.compile(train_model)
     return model, train_model
 
@@ -130,6 +136,7 @@ def build_context(cfg: TrainConfig, rank: int = 0, world_size: int = 1, device: 
     device = device or resolve_device(cfg.device)
     with torch.device("meta"):  # a bad model or setting is refused before any data is read
         create_model(cfg.model, **cfg.model_kwargs)
+    graphs.check_device(cfg, device, world_size)
     amp_dtype = resolve_precision(cfg.precision, device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)

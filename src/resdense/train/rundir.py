@@ -16,7 +16,7 @@ from .config import TrainConfig, apply_overrides
 
 # What a resume may change: how long the run is and how it runs, not what is trained.
 RESUME_MAY_CHANGE = frozenset({"epochs", "iterations", "progress", "threads", "out", "device", "eval_batch_size",
-                               "compile", "checkpoint_every"})
+                               "compile", "cuda_graphs", "checkpoint_every"})
 
 
 def _holds_a_run(run_dir: Path) -> bool:

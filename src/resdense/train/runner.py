@@ -36,7 +36,7 @@ from ..errors import ConfigError, WriteError
 from ..outputs import SEEDS, claim
 from ..runlock import RunLock
 from . import checkpoint as ckpt
-from . import finetune
+from . import finetune, graphs
 from .config import TrainConfig, apply_overrides, validate
 from .context import RunContext, build_context, build_optimizer, model_depth, seed_everything
 from .distributed import is_main_process, log
@@ -141,15 +141,22 @@ class Trainer:
             log(finetune.initialise(self.ctx.model, cfg, self.ctx.splits.classes))
         self._begin()
 
-    def run_epoch(self) -> EpochResult:
-        """Train the next epoch (a resumed one from where its checkpoint was taken) and validate it."""
+    def start_epoch(self) -> tuple[EpochResult, EpochProgress]:
+        """The next epoch's result to fill (its clock and image size) and where its training starts
+        (a resumed epoch: where its checkpoint was taken)."""
         state, ctx, cfg = self.state, self.ctx, self.cfg
         size = train_image_size(state.epoch, self.total_epochs, tuple(ctx.splits.image_size),
                                 short_run_min_scale(cfg, ctx.total_steps), cfg.resize_ramp, cfg.resize_step)
         resumed, state.position = state.position, None
         result = EpochResult(time.perf_counter() - (resumed.epoch_time if resumed else 0.0), size)
+        return result, resumed.progress if resumed else EpochProgress()
+
+    def run_epoch(self) -> EpochResult:
+        """Train the next epoch (a resumed one from where its checkpoint was taken) and validate it."""
+        state = self.state
+        result, progress = self.start_epoch()
         with self._bar() as bar:
-            result.stats = self._train(result, resumed.progress if resumed else EpochProgress(), bar)
+            result.stats = self._train(result, progress, bar)
         if result.stats is None:
             result.diverged = state.diverged
             return result
@@ -198,6 +205,9 @@ class Trainer:
             self.events.skip_curve(len(self.state.curve))
         if self.schedule.note:
             log(self.schedule.note)
+        if cfg.cuda_graphs:
+            log(graphs.describe(graphs.static_shapes(cfg, ctx.splits.image_size, ctx.splits.in_chans, self.total_epochs,
+                                                     short_run_min_scale(cfg, ctx.total_steps), ctx.world_size)))
         log(f"training {cfg.model} on {ctx.splits.name}: {ctx.train_loader.num_samples} images, "
             f"{self.total_epochs} epochs ({ctx.total_steps} steps of {cfg.batch_size}), {ctx.device}, "
             f"{'bf16' if ctx.amp_dtype else 'fp32'}, out {run_dir}")
@@ -343,16 +353,24 @@ def _train_locked(ctx: RunContext, run_dir: Path, resume: bool, epoch_callback: 
     return trainer.finish()
 
 
-def train_seeds(cfg: TrainConfig, seeds: list[int], **kwargs: Any) -> dict[str, Any]:
-    """One run per seed in ``OUT/seed<N>``; returns mean ± std of the test errors."""
+def train_seeds(cfg: TrainConfig, seeds: list[int], fuse: bool = False, **kwargs: Any) -> dict[str, Any]:
+    """One run per seed in ``OUT/seed<N>`` (with ``fuse``: trained as one model, see
+    :mod:`.fused`); returns mean ± std of the test errors."""
     if cfg.out is None:
         raise ConfigError("--out RUN_DIR is required")
+    cfgs = [apply_overrides(cfg, {"seed": seed, "out": str(Path(cfg.out) / f"seed{seed}")}, "--seeds") for seed in seeds]
+    if fuse:
+        from .fused import CPU_NOTE, fuse_refusal, train_fused
+        from ..hardware import resolve_device
+
+        refusal = fuse_refusal(cfg)
+        if refusal:  # before anything is written
+            raise ConfigError(f"cannot fuse these runs: {refusal}; drop --fuse-seeds")
+        if resolve_device(cfg.device).type != "cuda":
+            log(CPU_NOTE)
     if is_main_process():
         claim(cfg.out, SEEDS)
-    rows = []
-    for seed in seeds:
-        run_cfg = apply_overrides(cfg, {"seed": seed, "out": str(Path(cfg.out) / f"seed{seed}")}, "--seeds")
-        rows.append(train(run_cfg, **kwargs))
+    rows = train_fused(cfgs, **kwargs) if fuse else [train(run_cfg, **kwargs) for run_cfg in cfgs]
     summary: dict[str, Any] = {"seeds": seeds, "runs": [str(Path(cfg.out) / f"seed{s}") for s in seeds]}
     for key in ("test_error_last", "test_error_best", "final_train_error", "final_val_error", "wall_time"):
         values = [r[key] for r in rows if key in r]
