@@ -280,7 +280,7 @@ def test_study_list_names_every_study_with_its_presets_and_claims():
     assert ("claim: Degradation: plain-56 ends with higher training error than plain-20 [plain-56 − plain-20 > 0] "
             "(decided by presets quick, smoke, standard, paper)") in out
     assert "[(plain-56 − plain-20) − (resnet-56 − resnet-20) > 0] (decided by presets quick, smoke, standard, paper)" in out
-    assert "[resnet-56 − resnet-20 < 0] (decided by preset paper)" in out
+    assert "[resnet-56 − resnet-20 < 0] (decided by presets standard, paper)" in out
 
 
 def test_report_on_a_folder_of_studies_writes_an_index_linking_each_report(tiny_study, tmp_path):
