@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 FMNIST := /usr/share/datasets/fashion-mnist
 
-.PHONY: setup data browser demo test bench clean
+.PHONY: setup data browser slurm demo test bench clean
 
 setup: $(VENV)/.installed
 
@@ -38,10 +38,23 @@ browser:
 	    || echo "could not install chromium (apt-get); the report rendering tests will skip"; \
 	fi
 
+# Debian's Slurm and munge, for the tests that start a one-node Slurm (job arrays, requeue, srun).
+# Not fatal: without them (or without root) those tests skip and say why.
+slurm:
+	@if command -v sbatch >/dev/null 2>&1 && command -v slurmd >/dev/null 2>&1 && command -v munged >/dev/null 2>&1; then \
+	  echo "slurm: $$(slurmd -V 2>/dev/null)"; \
+	else \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  { $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q slurm-wlm munge >/dev/null 2>&1 \
+	    || { $$SUDO apt-get update -q >/dev/null 2>&1 && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q slurm-wlm munge >/dev/null 2>&1; }; } \
+	    && echo "slurm: $$(slurmd -V 2>/dev/null)" \
+	    || echo "could not install slurm-wlm and munge (apt-get); the Slurm tests will skip"; \
+	fi
+
 demo: setup
 	$(BIN)/resdense info resnet56
 
-test: setup data browser
+test: setup data browser slurm
 	$(BIN)/python -m pytest -q
 
 bench: setup data

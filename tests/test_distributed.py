@@ -25,6 +25,17 @@ ARGS = ["--model", "cifar_resnet", "-a", "depth=8", "--data", "synthetic", "--ep
         "--threads", "1"]
 
 
+def reference_config(epochs: int = 2) -> TrainConfig:
+    """The TrainConfig that ARGS (with ``epochs``) resolve to, for the one-process computation."""
+    return apply_overrides(TrainConfig(), {
+        "model": "cifar_resnet", "model_kwargs": {"depth": 8}, "data": "synthetic", "epochs": epochs, "batch_size": 64,
+        "train_subset": 256, "lr": 0.05, "schedule": "cosine", "warmup": 0.2, "label_smoothing": 0.1,
+        **{k: v for k, v in __import__("resdense.train.recipes", fromlist=["recipe"]).recipe("quick").items()
+           if k in ("momentum", "nesterov", "weight_decay", "decay_norm_and_bias", "pad", "flip", "min_scale",
+                    "resize_ramp", "resize_step")},
+    }, "test")
+
+
 def _reference_weights(cfg: TrainConfig, world_size: int = 2) -> dict[str, torch.Tensor]:
     """One process doing what DDP does: per-shard forward (batch norm sees one shard, as in each
     DDP process), the loss averaged over shards, one optimiser step per global batch."""
@@ -65,15 +76,8 @@ def test_two_gloo_processes_match_one_process(tmp_path):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert proc.stdout.count("epoch 2/2") == 1  # only rank 0 logs
     ddp = ckpt.read_weights(run / "last")
-    cfg = apply_overrides(TrainConfig(), {
-        "model": "cifar_resnet", "model_kwargs": {"depth": 8}, "data": "synthetic", "epochs": 2, "batch_size": 64,
-        "train_subset": 256, "lr": 0.05, "schedule": "cosine", "warmup": 0.2, "label_smoothing": 0.1,
-        **{k: v for k, v in __import__("resdense.train.recipes", fromlist=["recipe"]).recipe("quick").items()
-           if k in ("momentum", "nesterov", "weight_decay", "decay_norm_and_bias", "pad", "flip", "min_scale",
-                    "resize_ramp", "resize_step")},
-    }, "test")
     torch.set_num_threads(1)
-    reference = _reference_weights(cfg)
+    reference = _reference_weights(reference_config())
     assert reference.keys() <= ddp.keys()
     for name, ref in reference.items():
         assert torch.allclose(ddp[name], ref, atol=2e-5, rtol=1e-4), f"{name}: max diff {(ddp[name] - ref).abs().max():.3g}"

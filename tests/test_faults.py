@@ -80,7 +80,7 @@ def signal_at_call(monkeypatch, calls: dict[int, int]) -> None:
 
 # --- SIGTERM / Ctrl-C ---------------------------------------------------------------------------
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGUSR1])  # USR1: Slurm's time-limit warning
 def test_a_signal_mid_epoch_finishes_the_step_checkpoints_it_and_resumes_exactly(whole, tmp_path, monkeypatch, signum):
     run = tmp_path / "cut"
     signal_at_call(monkeypatch, {11: signum})  # step 11 = epoch 2, batch 3

@@ -41,7 +41,7 @@ class Kind:
 RUN = Kind("run", "a training run", (
     "config.json", "metrics.jsonl", "metrics.csv", "curve.jsonl", "summary.json", "train.log", "last", "best",
     "checkpoints", "tensorboard", "gradients", "analysis", "eval_*.json", "confusion_*.png",
-    "model.onnx", "model.pt", "model.safetensors", ".*.tmp"))
+    "model.onnx", "model.pt", "model.safetensors", "failed.json", ".*.tmp"))
 SEEDS = Kind("seeds", "a set of runs over seeds (train --seeds)", ("seed[0-9]*", "summary.json"))
 STUDY = Kind("study", "a study")
 OUTPUT = Kind("output", "evaluation or analysis output", into_any=True)

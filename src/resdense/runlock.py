@@ -4,21 +4,37 @@
 it exits (SIGKILL included), so a dead process never leaves a stale lock to clean. The file holds
 the owner's process id and host, read back to name the owner when a second process is refused.
 The same lock lets several study processes (on one machine, or on several sharing the folder)
-cooperate: each takes the runs it can lock and skips the ones another process holds.
+cooperate: each takes the runs it can lock and skips the ones another process holds. Across hosts
+that needs a filesystem whose ``flock`` is coherent between them (:func:`check_locking`).
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
 import socket
+import time
 from pathlib import Path
 from typing import Optional
 
-from .errors import UserError
+from .errors import ConfigError, UserError
 
 LOCK_FILE = ".lock"
+# Where a lock owner runs inside a Slurm job, the job that holds it (an array task as JOB_TASK).
+_SLURM_JOB = ("SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID", "SLURM_JOB_ID")
+
+
+def owner_info() -> dict:
+    """What a lock records about its holder: process id, host, start time and Slurm job."""
+    info: dict = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}
+    array, task, job = (os.environ.get(k) for k in _SLURM_JOB)
+    if array and task:
+        info["slurm_job"] = f"{array}_{task}"
+    elif job:
+        info["slurm_job"] = job
+    return info
 
 
 class RunLockedError(UserError):
@@ -56,7 +72,7 @@ class RunLock:
             raise
         # Ours now: record who holds it (read by the processes this lock refuses).
         os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname()}).encode(), 0)
+        os.pwrite(fd, json.dumps(owner_info()).encode(), 0)
         self._fd = fd
         return True
 
@@ -83,7 +99,7 @@ class RunLock:
 
 
 def owner(run_dir: str | os.PathLike) -> Optional[dict]:
-    """``{"pid": ..., "host": ...}`` of the process holding ``run_dir``'s lock, or ``None`` if free."""
+    """``{"pid": ..., "host": ..., "since": ..., "slurm_job": ...}`` (what :func:`owner_info` wrote) of the process holding ``run_dir``'s lock, or ``None`` if free."""
     lock = RunLock(run_dir)
     if not lock.path.exists():
         return None
@@ -111,3 +127,30 @@ def describe_owner(run_dir: str | os.PathLike) -> str:
     if pid is None:
         return "another process"
     return f"process {pid}" + (f" on {host}" if host and host != socket.gethostname() else "")
+
+
+def check_locking(folder: str | os.PathLike) -> None:
+    """Refuse, in one line, a folder where ``flock`` fails or does not exclude a second holder
+    (an NFS mount without lock support, a FUSE filesystem that ignores locks): there the run
+    locks would not keep two processes out of one run."""
+    path = Path(folder) / LOCK_FILE
+    first = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    second = os.open(path, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(first, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return  # another process holds it (writing the report): locks work here
+        except OSError as e:
+            raise ConfigError(f"file locks do not work in {folder} ({errno.errorcode.get(e.errno, e.errno)}: "
+                              f"{e.strerror}); processes sharing a study need flock: see the README, "
+                              "'On a cluster' (NFSv4, Lustre with -o flock), or use a local folder") from None
+        try:
+            fcntl.flock(second, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return  # the second open file was refused: locks exclude
+        raise ConfigError(f"file locks in {folder} do not exclude a second holder; processes sharing a study "
+                          "need working flock: see the README, 'On a cluster', or use a local folder")
+    finally:
+        os.close(second)  # closing a descriptor drops the flock it held
+        os.close(first)

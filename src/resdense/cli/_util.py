@@ -33,6 +33,21 @@ def positive_int(text: str) -> int:
     return value
 
 
+def int_between(low: int, high: int) -> Any:
+    """An argparse type for a whole number in [low, high] (every count flag is bounded)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a whole number from {low} to {high}; got {text!r}") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be from {low} to {high}; got {value}")
+        return value
+
+    parse.__name__ = f"int {low}..{high}"
+    return parse
+
+
 def positive_float(text: str) -> float:
     """An argparse type for rates and factors that must be above zero."""
     try:

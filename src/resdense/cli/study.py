@@ -3,9 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import os
+import signal
+import sys
 from typing import Any
 
-from ._util import int_list, parse_overrides, positive_int
+from ._util import int_between, int_list, parse_overrides, positive_int
+
+# The flags of `--slurm` (each refused without it): attribute -> flag.
+SLURM_FLAGS = {"partition": "--partition", "time": "--time", "cpus_per_task": "--cpus-per-task",
+               "gpus_per_task": "--gpus-per-task", "array_size": "--array-size", "throttle": "--throttle",
+               "signal_lead": "--signal-lead", "sbatch_arg": "--sbatch-arg"}
 
 
 def _option_type(default: Any) -> Any:
@@ -35,13 +43,43 @@ def register(sub: Any) -> None:
         s.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a training setting of every run")
         s.add_argument("--jobs", type=positive_int, default=1, metavar="N",
                        help="train N runs at once (CPU threads divided among them; one run per GPU where there are several)")
+        s.add_argument("--retries", type=int_between(0, 10), metavar="N",
+                       help="retry a run that fails up to N times, then report it as failed and go on "
+                            "(default: a failure stops the study; with --slurm 2)")
         s.add_argument("--out", required=True, metavar="STUDY_DIR")
+        _add_slurm_flags(s)
         s.set_defaults(func=cmd_study, spec=spec.name)
+    st = studies.add_parser("status", help="a study's runs done / running (where, which Slurm job) / waiting / "
+                                           "failed, the time left and the report; reads the folder only")
+    st.add_argument("study_dir", metavar="STUDY_DIR")
+    st.set_defaults(func=cmd_status)
 
     p = sub.add_parser("report", help="(re)draw a study's figures and report from its result files; on a folder of "
                                       "studies, every study's report and an index page")
     p.add_argument("study_dir", metavar="STUDY_DIR|FOLDER")
     p.set_defaults(func=cmd_report)
+
+
+def _add_slurm_flags(s: Any) -> None:
+    from ..studies.slurm import MAX_CPUS, MAX_GPUS, MAX_TASKS, SIGNAL_LEAD_S
+
+    g = s.add_argument_group("on a Slurm cluster (see the README, 'On a cluster')")
+    g.add_argument("--slurm", action="store_true",
+                   help="submit the study as a job array of study workers (script kept in STUDY_DIR/slurm.sbatch)")
+    g.add_argument("--partition", metavar="NAME", help="Slurm partition (default: the cluster's)")
+    g.add_argument("--time", metavar="LIMIT", help="time limit of each task, e.g. 4:00:00 (default: the partition's)")
+    g.add_argument("--cpus-per-task", type=int_between(1, MAX_CPUS), metavar="N", help="CPUs per task (default 1)")
+    g.add_argument("--gpus-per-task", type=int_between(0, MAX_GPUS), metavar="N", help="GPUs per task (default 0)")
+    g.add_argument("--array-size", type=int_between(1, MAX_TASKS), metavar="N",
+                   help="tasks in the array (default: one per unfinished run)")
+    g.add_argument("--throttle", type=int_between(1, MAX_TASKS), metavar="N",
+                   help="at most N tasks at once (--array=...%%N; default 16)")
+    g.add_argument("--signal-lead", type=int_between(*SIGNAL_LEAD_S), metavar="SECONDS",
+                   help="SIGUSR1 each task this long before its time limit: it checkpoints and requeues (default 120)")
+    g.add_argument("--sbatch-arg", action="append", metavar="=--OPTION=VALUE",
+                   help="one more sbatch option, with '=' (e.g. --sbatch-arg=--account=abc); repeatable")
+    # What the sbatch script runs: requeue on SIGTERM, torch threads from SLURM_CPUS_PER_TASK.
+    g.add_argument("--slurm-worker", action="store_true", help=argparse.SUPPRESS)
 
 
 def cmd_list(args: argparse.Namespace) -> int:
@@ -85,15 +123,79 @@ def _preset_budget(spec: Any, preset: str) -> str:
 
 
 def cmd_study(args: argparse.Namespace) -> int:
+    from ..errors import ConfigError
     from ..studies import StudyConfig, get_study, run_study
 
     spec = get_study(args.spec)
     options = {name: getattr(args, name) for name in spec.default_options}
     study = StudyConfig(study=spec.name, data=args.data, data_dir=args.data_dir, seeds=args.seeds, preset=args.preset,
                         out=args.out, options=options, overrides=parse_overrides(args.set, "--set", "lr=0.05"))
-    result = run_study(study, jobs=args.jobs)
+    given = [flag for attr, flag in SLURM_FLAGS.items() if getattr(args, attr) is not None]
+    if given and not args.slurm:
+        raise ConfigError(f"{given[0]} is a Slurm setting: add --slurm to submit the study, or drop {given[0]}")
+    if args.slurm:
+        return _submit(args, spec, study)
+    threads = os.environ.get("SLURM_CPUS_PER_TASK") if args.slurm_worker else None
+    if args.slurm_worker:
+        _stop_between_runs()
+    try:
+        result = run_study(study, jobs=args.jobs, retries=args.retries,
+                           threads=int(threads) if threads and threads.isdigit() else None, report_once=args.slurm_worker)
+    except KeyboardInterrupt as e:
+        # SIGUSR1 is the time-limit warning of the sbatch script: come back and continue. SIGTERM
+        # (scancel, preemption, scontrol requeue) leaves the decision to Slurm.
+        if not (args.slurm_worker and getattr(e, "exit_code", 0) == 128 + signal.SIGUSR1):
+            raise
+        from ..studies.slurm import requeue_self
+
+        print(f"resdense study: {e}", file=sys.stderr, flush=True)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # requeueing signals this job: finish the message
+        requeue_self(lambda line: print(line, flush=True))
+        return e.exit_code
     if result["report"] is not None:
         _print_summary(result["report"], args.out)
+    if result.get("failed"):
+        print(f"resdense study: {len(result['failed'])} run(s) failed after {(args.retries or 0) + 1} attempt(s) each "
+              f"({', '.join(result['failed'])}); no report: see `resdense study status {args.out}`", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _stop_between_runs() -> None:
+    """A Slurm worker's signals outside a run's training loop (starting, between runs, writing the
+    report), where their default action would end the task unrequeued: stop there, as Ctrl-C would
+    (a run's own handler takes over while it trains, and checkpoints at the step)."""
+    from ..train.stop import TrainingStopped, signal_name
+
+    def stop(signum: int, frame: Any) -> None:
+        raise TrainingStopped(f"stopped by {signal_name(signum)} outside a run's training (nothing to checkpoint)",
+                              signum)
+
+    for sig in (signal.SIGUSR1, signal.SIGTERM):
+        signal.signal(sig, stop)
+
+
+def _submit(args: argparse.Namespace, spec: Any, study: Any) -> int:
+    from ..studies.slurm import SlurmOptions, submit
+
+    flags = []
+    for name, value in study.options.items():
+        flags += [f"--{name}", ",".join(map(str, value)) if isinstance(value, list) else str(value)]
+    defaults = SlurmOptions()
+    opts = SlurmOptions(partition=args.partition, time=args.time, cpus_per_task=args.cpus_per_task or 1,
+                        gpus_per_task=args.gpus_per_task or 0, tasks=args.array_size,
+                        throttle=args.throttle or defaults.throttle, signal_lead=args.signal_lead or defaults.signal_lead,
+                        retries=defaults.retries if args.retries is None else args.retries,
+                        sbatch_args=tuple(args.sbatch_arg or ()))
+    submit(study, opts, flags, jobs=args.jobs)
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from ..studies.status import status_lines, study_status
+
+    for line in status_lines(study_status(args.study_dir)):
+        print(line)
     return 0
 
 

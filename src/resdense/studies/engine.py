@@ -5,7 +5,9 @@ only while it holds the run's lock (:mod:`resdense.runlock`), so any number of p
 same study command (``--jobs N`` on one machine, a Slurm job array, a loop over hosts sharing the
 folder) split the runs between them: finished runs are skipped, runs another process holds are
 left to it, and an interrupted run continues from its last checkpoint. The process that finds
-every run finished writes ``results.jsonl`` and the report.
+every run finished writes ``results.jsonl`` and the report. With ``retries`` a run that fails is
+recorded (``RUN/failed.json``), retried up to that many times by whichever process comes next,
+then left as failed.
 """
 
 from __future__ import annotations
@@ -22,10 +24,10 @@ from typing import Any, Callable, Optional
 
 from .._io import atomic_write_text
 from ..data import check_available
-from ..errors import ConfigError, WriteError
+from ..errors import ConfigError, UserError, WriteError
 from ..limits import bound_jobs
 from ..outputs import RUN, STUDY, claim
-from ..runlock import RunLock, owner
+from ..runlock import RunLock, check_locking, owner, owner_info
 from ..train.config import validate
 from .spec import RunSpec, StudyConfig, StudySpec, get_study
 
@@ -33,8 +35,35 @@ Log = Callable[[str], None]
 PROGRESS_EVERY_S = 30.0
 
 
+FAILED_FILE = "failed.json"
+MAX_RETRIES = 10
+
+
 def finished(run_dir: Path) -> bool:
     return (run_dir / "summary.json").is_file()
+
+
+def failures(run_dir: Path) -> dict[str, Any]:
+    """``RUN/failed.json``: ``{"attempts", "retries", "error", "host", ...}``; empty if it never failed."""
+    try:
+        doc = json.loads((run_dir / FAILED_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+    return doc if isinstance(doc, dict) else {}
+
+
+def gave_up(run_dir: Path) -> bool:
+    """Failed more often than the retries it was allowed: left as failed."""
+    doc = failures(run_dir)
+    return bool(doc) and int(doc.get("attempts", 0)) > int(doc.get("retries", 0))
+
+
+def _record_failure(run_dir: Path, error: BaseException, retries: int) -> int:
+    attempts = int(failures(run_dir).get("attempts", 0)) + 1
+    doc = {**owner_info(), "attempts": attempts, "retries": retries,
+           "error": f"{type(error).__name__}: {error}".splitlines()[0][:500]}
+    atomic_write_text(run_dir / FAILED_FILE, json.dumps(doc))
+    return attempts
 
 
 def settings_changes(saved: dict[str, Any], study: StudyConfig) -> list[str]:
@@ -76,9 +105,10 @@ def _train_run(run: RunSpec, lock: RunLock, quiet: bool) -> None:
 
 
 def work(runs: list[RunSpec], log: Log = print, quiet: bool = False, threads: Optional[int] = None,
-         device: Optional[str] = None) -> list[str]:
+         device: Optional[str] = None, retries: Optional[int] = None) -> list[str]:
     """Train every run of ``runs`` that is unfinished and not held by another process; return
-    the names of the runs this call trained."""
+    the names of the runs this call trained. ``retries``: a run that raises is recorded as failed
+    and skipped (``None``: the error stops the caller, as a bug should when nobody retries)."""
     import dataclasses
 
     import torch
@@ -88,19 +118,28 @@ def work(runs: list[RunSpec], log: Log = print, quiet: bool = False, threads: Op
     trained = []
     for run in runs:
         run_dir = Path(run.config.out)
-        if finished(run_dir):
+        if finished(run_dir) or gave_up(run_dir):
             continue
         lock = RunLock(run_dir)
         if not lock.try_acquire():
             continue  # another process trains it
         try:
-            if finished(run_dir):  # finished between our look and our lock
+            if finished(run_dir) or gave_up(run_dir):  # finished (or given up) between our look and our lock
                 continue
             if threads or device:
                 run = dataclasses.replace(run, config=dataclasses.replace(
                     run.config, **({"threads": threads} if threads else {}), **({"device": device} if device else {})))
             log(f"{run.name}: {'resuming' if (run_dir / 'config.json').is_file() else 'training'} (pid {os.getpid()})")
-            _train_run(run, lock, quiet)
+            try:
+                _train_run(run, lock, quiet)
+            except UserError:
+                raise  # the same mistake in every run: retrying cannot help
+            except Exception as e:  # noqa: BLE001 - recorded, retried, then reported as failed
+                if retries is None:
+                    raise
+                attempts = _record_failure(run_dir, e, retries)
+                log(f"{run.name}: failed ({type(e).__name__}: {e}); attempt {attempts} of {retries + 1}")
+                continue
             trained.append(run.name)
         finally:
             lock.release()
@@ -129,7 +168,8 @@ def _stopped(out: Path, exc: BaseException) -> StudyStopped:
                         f"again to continue {out}", code)
 
 
-def _worker(study_dict: dict[str, Any], index: int, threads: int, device: Optional[str]) -> list[str]:
+def _worker(study_dict: dict[str, Any], index: int, threads: int, device: Optional[str],
+            retries: Optional[int] = None) -> list[str]:
     """One process of ``--jobs N``: the same claim loop over the same runs, longest first (so the
     short ones fill the gaps at the end instead of a long one running alone), started at a
     different place so the jobs take different runs first."""
@@ -137,7 +177,7 @@ def _worker(study_dict: dict[str, Any], index: int, threads: int, device: Option
     runs = get_study(study.study).runs(study)
     runs = sorted(runs, key=WorkCost(), reverse=True)
     order = runs[index:] + runs[:index]
-    return work(order, log=_silent, quiet=True, threads=threads, device=device)
+    return work(order, log=_silent, quiet=True, threads=threads, device=device, retries=retries)
 
 
 def _silent(message: str) -> None:
@@ -233,21 +273,35 @@ def _device_for(index: int) -> Optional[str]:
     return f"cuda:{index % count}" if count > 1 else None
 
 
-def run_study(study: StudyConfig, jobs: int = 1, log: Log = print) -> dict[str, Any]:
-    """Train (this process's share of) the study's runs; when every run is finished, write
-    ``results.jsonl`` and the report. Returns ``{"complete": bool, "trained": [...], "report": ...}``."""
-    from .report import build_report
-
+def start_study(study: StudyConfig, log: Log = print) -> tuple[StudySpec, list[RunSpec], Path]:
+    """Check everything a study needs before anything is written (its runs' settings, models, data),
+    then claim its folder, check that file locks work there and save ``study.json``."""
     spec = get_study(study.study)
-    if jobs < 1:
-        raise ConfigError(f"--jobs must be positive; got {jobs}")
     runs = spec.runs(study)  # a bad preset or option fails here, before anything is written
     for run in runs:
         validate(run.config)  # a bad --set value too (lr=nan), before the study's folder exists
     check_models(runs)
     check_available(study.data, study.data_dir)
     out = claim(study.out, STUDY)
+    check_locking(out)  # the run locks are what keeps two processes out of one run
     write_study_file(out, study, log)
+    return spec, runs, out
+
+
+def run_study(study: StudyConfig, jobs: int = 1, log: Log = print, retries: Optional[int] = None,
+              threads: Optional[int] = None, report_once: bool = False) -> dict[str, Any]:
+    """Train (this process's share of) the study's runs; when every run is finished, write
+    ``results.jsonl`` and the report. Returns ``{"complete": bool, "trained": [...], "report": ...,
+    "failed": [...]}``. ``retries``: see :func:`work`; ``threads``: torch threads of each run;
+    ``report_once``: leave a report newer than every run as it is (the tasks of a job array that
+    end together write it once)."""
+    from .report import build_report
+
+    if jobs < 1:
+        raise ConfigError(f"--jobs must be positive; got {jobs}")
+    if retries is not None and not 0 <= retries <= MAX_RETRIES:
+        raise ConfigError(f"--retries must be between 0 and {MAX_RETRIES}; got {retries}")
+    spec, runs, out = start_study(study, log)
     jobs, bounded = bound_jobs(jobs, sum(not finished(Path(r.config.out)) for r in runs))
     if bounded:
         log(bounded)
@@ -255,14 +309,9 @@ def run_study(study: StudyConfig, jobs: int = 1, log: Log = print) -> dict[str, 
     log(f"{spec.name}: {len(runs)} runs in {out}, {jobs} at a time" + _skip_note(runs))
     try:
         if jobs == 1:
-            trained = []
-            for run in runs:
-                if finished(Path(run.config.out)):
-                    continue
-                log(progress.line())
-                trained += work([run], log=log)
+            trained = _serial(runs, progress, log, retries, threads)
         else:
-            trained = _parallel(study, runs, jobs, progress, log)
+            trained = _parallel(study, runs, jobs, progress, log, retries)
     except StudyStopped:
         raise
     except KeyboardInterrupt as e:  # Ctrl-C, SIGTERM (a run's TrainingStopped): say how to continue
@@ -272,21 +321,54 @@ def run_study(study: StudyConfig, jobs: int = 1, log: Log = print) -> dict[str, 
         raise WriteError(f"{what}; free some space, then run the same `resdense study` command again to continue "
                          f"{out}", e.errno, e.filename) from None
     log(progress.line())
-    unfinished = [r for r in runs if not finished(Path(r.config.out))]
+    failed = [r.name for r in runs if gave_up(Path(r.config.out)) and not finished(Path(r.config.out))]
+    unfinished = [r for r in runs if not finished(Path(r.config.out)) and r.name not in failed]
     if unfinished:
         holders = sorted({str((owner(Path(r.config.out)) or {}).get("pid")) for r in unfinished})
         log(f"{len(unfinished)} run(s) are still being trained by other processes (pid {', '.join(holders)}); "
             "the last one to finish writes the report")
-        return {"complete": False, "trained": trained, "report": None}
+    if unfinished or failed:
+        return {"complete": False, "trained": trained, "report": None, "failed": failed}
     lock = RunLock(out)  # held only while the report is written: one writer at a time
     if not lock.try_acquire():
         log("every run is finished; another process is writing the report")
-        return {"complete": True, "trained": trained, "report": None}
+        return {"complete": True, "trained": trained, "report": None, "failed": []}
     try:
+        if report_once and _report_up_to_date(out, runs):
+            log(f"every run is finished; another process wrote the report: {out}/report.html")
+            return {"complete": True, "trained": trained, "report": None, "failed": []}
         report = build_report(out)
     finally:
         lock.release()
-    return {"complete": True, "trained": trained, "report": report}
+    return {"complete": True, "trained": trained, "report": report, "failed": []}
+
+
+def _report_up_to_date(out: Path, runs: list[RunSpec]) -> bool:
+    report = out / "report.html"
+    newest = max((Path(r.config.out) / "summary.json").stat().st_mtime for r in runs)
+    return report.is_file() and report.stat().st_mtime >= newest
+
+
+def _free(run: RunSpec) -> bool:
+    """Unfinished, not given up, and held by no process: this process may take it."""
+    run_dir = Path(run.config.out)
+    return not finished(run_dir) and not gave_up(run_dir) and owner(run_dir) is None
+
+
+def _serial(runs: list[RunSpec], progress: Progress, log: Log, retries: Optional[int],
+            threads: Optional[int]) -> list[str]:
+    """Pass over the runs until none is free. Another pass picks up a run that a process holding it
+    left unfinished meanwhile (preempted, killed) and a failed run with retries left."""
+    trained: list[str] = []
+    for _ in range(len(runs) * (MAX_RETRIES + 2)):  # each pass finishes, fails or leaves a run to its holder
+        free = [run for run in runs if _free(run)]
+        if not free:
+            break
+        for run in free:
+            if _free(run):
+                log(progress.line())
+                trained += work([run], log=log, retries=retries, threads=threads)
+    return trained
 
 
 def check_models(runs: list[RunSpec]) -> None:
@@ -310,7 +392,8 @@ def _skip_note(runs: list[RunSpec]) -> str:
     return f" ({done} finished earlier, skipped)" if done else ""
 
 
-def _parallel(study: StudyConfig, runs: list[RunSpec], jobs: int, progress: Progress, log: Log) -> list[str]:
+def _parallel(study: StudyConfig, runs: list[RunSpec], jobs: int, progress: Progress, log: Log,
+              retries: Optional[int] = None) -> list[str]:
     import signal
 
     import torch
@@ -319,7 +402,7 @@ def _parallel(study: StudyConfig, runs: list[RunSpec], jobs: int, progress: Prog
     trained: list[str] = []
     # spawn: a fork of a process that has used OpenMP threads may deadlock.
     with ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn")) as pool:
-        futures = [pool.submit(_worker, study.to_dict(), i, threads, _device_for(i)) for i in range(jobs)]
+        futures = [pool.submit(_worker, study.to_dict(), i, threads, _device_for(i), retries) for i in range(jobs)]
 
         def pass_on_sigterm(signum: int, frame: Any) -> None:
             # Ctrl-C reaches the workers by itself (one process group); a SIGTERM sent to this

@@ -1,5 +1,6 @@
-"""Stopping a run cleanly: SIGTERM (Slurm ``scancel``, ``--signal=TERM@N``, a container stop) and
-Ctrl-C end training at the next step boundary with a checkpoint of that exact point.
+"""Stopping a run cleanly: SIGTERM (Slurm ``scancel``, a preemption, a container stop), SIGUSR1
+(Slurm's ``--signal=USR1@N`` warning before the time limit) and Ctrl-C end training at the next
+step boundary with a checkpoint of that exact point.
 
 The signal handler only records the signal; the training loop asks :meth:`StopFlag.requested`
 at every step boundary (and between evaluation batches). Under DDP the answer is all-reduced,
@@ -20,7 +21,7 @@ from typing import Any, Optional
 
 import torch
 
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
 
 
 def signal_name(signum: int) -> str:
@@ -51,7 +52,7 @@ class StopNow(TrainingStopped):
 
 class StopFlag:
     """The stop request of one training run. Use as a context manager around the run: it installs
-    handlers for SIGINT and SIGTERM (in the main thread only; elsewhere signals cannot be caught
+    handlers for SIGINT, SIGTERM and SIGUSR1 (in the main thread only; elsewhere signals cannot be caught
     and the flag stays down) and restores the previous ones on exit."""
 
     def __init__(self) -> None:
