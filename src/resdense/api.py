@@ -145,11 +145,12 @@ def load(source: PathLike, *, prefer: str = "best", device: Union[str, torch.dev
     return TrainedModel(net, meta).to(device)
 
 
-def pretrained_weights(name: str, source: Any, kwargs: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, Any]]:
+def pretrained_weights(name: str, source: Any, kwargs: Mapping[str, Any]) -> tuple[
+        dict[str, Any], dict[str, torch.Tensor], dict[str, Any]]:
     """For ``create_model(name, pretrained=source, **kwargs)``: the builder arguments (the
     checkpoint's, then ``kwargs``), the weights and the metadata; refused in one line when the
     checkpoint holds another model."""
-    if source is True or source is False or not isinstance(source, (str, Path)):
+    if not isinstance(source, (str, Path)):  # pretrained=True: there are no bundled weights to mean
         raise ConfigError(f"pretrained= takes a run directory or an exported .safetensors file, not {source!r}; "
                           "resdense ships no weights (resdense import turns published ones into a run)")
     net, meta = load_checkpoint(source)
@@ -159,8 +160,7 @@ def pretrained_weights(name: str, source: Any, kwargs: Mapping[str, Any]) -> tup
     if meta.get("folded_bn"):
         raise CheckpointError(f"{source} holds weights with batch norm folded into the convolutions, which "
                               f"{name} cannot take; use resdense.load({str(source)!r}) or export without --fold-bn")
-    weights = {k: v for k, v in net.state_dict().items()}
-    return {**meta.get("model_kwargs", {}), **kwargs}, weights, meta
+    return {**meta.get("model_kwargs", {}), **kwargs}, dict(net.state_dict()), meta
 
 
 # --- training runs and studies ----------------------------------------------------------------

@@ -404,9 +404,10 @@ def export_model(model: nn.Module, path: Union[str, Path], fmt: str, *, example_
     1e-3, times the output's magnitude where that exceeds 1) is it renamed onto ``path``. ONNX
     files have a dynamic batch axis (input ``input``, output ``logits``), dynamic height and width
     where the model takes any (:func:`spatial_size_is_free`; checked at a second size), and the
-    model name, class names, mean, std and input size in their metadata (:func:`onnx_metadata`). ``fold_bn`` exports the BN-folded model (a safetensors file then holds the
-    folded weights, without BN entries). ``metadata`` (JSON-able) is stored in a safetensors
-    header under ``"resdense"``, with the model's name added when known.
+    model name, class names, mean, std and input size in their metadata (:func:`onnx_metadata`).
+    ``fold_bn`` exports the BN-folded model (a safetensors file then holds the folded weights,
+    without BN entries). ``metadata`` (JSON-able) is stored in a safetensors header under
+    ``"resdense"``, with the model's name added when known.
     """
     if fmt not in EXPORT_FORMATS:
         raise ConfigError(f"export format must be one of {', '.join(EXPORT_FORMATS)}; got {fmt!r}")
