@@ -64,6 +64,8 @@ PAIRS = {
 ARMS = {
     "scratch": "--model resnet20 --recipe quick",
     "finetune": "--init-from {source} --recipe finetune",
+    # The finetune recipe as it was before it was measured here (issue 23).
+    "finetune-before": "--init-from {source} --recipe finetune --set lr=0.05 --backbone-lr-factor 0.1 --no-recalibrate-bn",
 }
 
 
@@ -180,6 +182,7 @@ def main() -> None:
     p.add_argument("--pairs", default=",".join(PAIRS), help=f"comma-separated, of {', '.join(PAIRS)}")
     p.add_argument("--arm", action="append", default=[], metavar="NAME=ARGS",
                    help="another arm: resdense train arguments ({source}: the pair's source run)")
+    p.add_argument("--arms", default=None, help="comma-separated: only these arms (default: every arm, and --arm's)")
     p.add_argument("--data-only", action="store_true", help="build the image folders and stop")
     args = p.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -187,6 +190,11 @@ def main() -> None:
     for item in args.arm:
         name, _, spec = item.partition("=")
         arms[name] = spec
+    if args.arms:
+        unknown = [a for a in args.arms.split(",") if a not in arms]
+        if unknown:
+            sys.exit(f"--arms: no arm {', '.join(unknown)}; the arms are {', '.join(arms)}")
+        arms = {name: arms[name] for name in args.arms.split(",")}
     data = args.out / "data"
     data.mkdir(parents=True, exist_ok=True)
     pairs = args.pairs.split(",")

@@ -107,7 +107,8 @@ class TrainConfig:
     backbone_lr_factor: float = setting(1.0, "the backbone learns at F times the classifier's lr (e.g. 0.1)",
                                         Flag(metavar="F", group=FINE_TUNING))
     recalibrate_bn: bool = setting(False, "re-estimate the batch-norm statistics on the new training images before "
-                                          "the first step (with --init-from)", Flag(group=FINE_TUNING, switch="both"))
+                                          "the first step (with --init-from; the finetune recipe's default)",
+                                   Flag(group=FINE_TUNING, switch="both"))
     # data augmentation and regularisation
     augment: bool = setting(True, "pad-crop and flip the training images", Flag(switch="off", help="no pad-crop / flip"))
     pad: int = setting(4, "pixels of zero padding around an image before its random crop")
@@ -302,8 +303,6 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         (cfg.on_divergence in ("stop", "finish"), f"on_divergence must be stop or finish; got {cfg.on_divergence!r}"),
         (cfg.grad_clip is None or cfg.grad_clip > 0, f"grad_clip must be positive; got {cfg.grad_clip}"),
         (cfg.backbone_lr_factor >= 0, f"--backbone-lr-factor must be >= 0; got {cfg.backbone_lr_factor}"),
-        (not cfg.recalibrate_bn or cfg.init_from is not None,
-         "--recalibrate-bn re-estimates the statistics of weights trained elsewhere: give --init-from, or drop it"),
     ]
     for ok, message in checks:
         if not ok:
