@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import shlex
 import statistics
 import subprocess
@@ -129,7 +130,9 @@ def train(args: list[str], out: Path) -> dict:
     if not (out / "summary.json").exists():
         cmd = ["resdense", "train", *args, "--out", str(out), *(["--overwrite"] if out.exists() else [])]
         print("$", shlex.join(cmd), flush=True)
-        subprocess.run([sys.executable, "-m", *cmd], check=True, stdout=subprocess.DEVNULL)
+        # This checkout's resdense, installed or not (the runs import it as this script does).
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO / "src"), os.environ.get("PYTHONPATH")]))}
+        subprocess.run([sys.executable, "-m", *cmd], check=True, stdout=subprocess.DEVNULL, env=env)
     return json.loads((out / "summary.json").read_text())
 
 
