@@ -139,7 +139,7 @@ def test_report_states_the_holm_rule_and_the_papers_numbers(tiny_study):
     assert "Holm–Bonferroni" in page and "paper: 64,000 × 128" in page
 
 
-def test_index_page_shows_every_claims_budget(tiny_study, tmp_path):
+def test_index_page_shows_each_studys_budget(tiny_study, tmp_path):
     study, _ = tiny_study
     (tmp_path / "one").mkdir()
     for f in ("study.json", "results.jsonl"):
@@ -147,9 +147,9 @@ def test_index_page_shows_every_claims_budget(tiny_study, tmp_path):
     code, _, err = run_cli(["report", str(tmp_path)])
     assert code == 0, err
     page, md = (tmp_path / "index.html").read_text(), (tmp_path / "index.md").read_text()
-    assert "budget (paper&#x27;s)" in page or "budget (paper's)" in page
-    assert page.count("(paper: 64,000 × 128 on 45,000 CIFAR-10 images)") == 2  # both decided claims
-    assert md.count("on 256 images (2 epochs)") == 2
+    assert "<strong>Budget:</strong> 8 steps × 64 on 256 images (2 epochs) (paper: 64,000 × 128 on 45,000 CIFAR-10 " \
+           "images)" in page
+    assert md.count("on 256 images (2 epochs)") == 1
 
 
 def test_study_list_shows_each_presets_budget_beside_the_papers():

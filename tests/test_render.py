@@ -11,7 +11,10 @@ Screenshots are left in each test's tmp_path (index.png, NAME.png) to look at.
 from __future__ import annotations
 
 import functools
+import html
+import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -133,12 +136,36 @@ def test_index_renders_with_a_visible_table_and_links_to_every_report(reports, t
     body = rendered(index, tmp_path)
     assert body.attrs["data-table-index"] == "visible", body.attrs
     assert int(body.attrs["data-table-index-top"]) < WINDOW[1]
-    assert body.attrs["data-images"] == body.attrs["data-images-loaded"]
+    # One thumbnail of its main figure per study, each decoded.
+    assert body.attrs["data-images"] == body.attrs["data-images-loaded"] == str(len(STUDIES))
     assert body.attrs["data-hscroll"] == "no", "the index is wider than the window"
-    assert set(body.links) == {f"{name}/report.html" for name in STUDIES}  # one row per claim, each linked
+    assert set(body.links) == {f"{name}/report.html" for name in STUDIES}  # title and thumbnail, each linked
     for link in body.links:
         assert (reports / link).is_file(), f"the index links {link}, which does not exist"
     screenshot(index, tmp_path / "index.png", tmp_path)
+
+
+def test_index_shows_each_studys_settings_budget_date_and_every_claim(reports):
+    page = html.unescape((reports / "index.html").read_text())
+    for name in STUDIES:
+        doc = json.loads((reports / name / "table.json").read_text())
+        row = page[page.index(f"href='{name}/report.html'"):]
+        row = row[:row.index("</tr>")]
+        assert re.search(r"last run finished \d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC", row), row[:300]
+        assert re.search(r"preset \w+ \(recipe \w+, .* seeds [\d, ]+, precision", row), "the study's settings"
+        assert re.search(r"Budget:</strong> [\d,]+ steps? × \d+ on [\d,]+ images? .*\(paper: ", row), "its budget"
+        claims = [v["text"] for v in doc["verdicts"]] + [m["text"] for m in doc["measured"]]
+        assert claims and all(c in row for c in claims), f"{name}: a claim is missing from the index"
+        assert ("measured, not decided" in row) == bool(doc["measured"])
+        assert "<img src='data:image/png;base64," in row
+
+
+@pytest.mark.parametrize("name", list(STUDIES))
+def test_report_says_the_input_size_of_its_macs(reports, name):
+    page = html.unescape((reports / name / "report.html").read_text())
+    rows = [json.loads(line) for line in (reports / name / "results.jsonl").read_text().splitlines()]
+    size = "×".join(map(str, rows[0]["input_size"]))
+    assert f"<th>MACs / image ({size})</th>" in page
 
 
 @pytest.mark.parametrize("name", list(STUDIES))
@@ -176,3 +203,52 @@ def test_a_broken_figure_or_a_hidden_table_is_seen(browser, tmp_path):
     blank.write_text("<!doctype html><body></body>")
     with pytest.raises(AssertionError, match="blank"):
         screenshot(blank, tmp_path / "blank.png", tmp_path)
+
+
+def _figures_drawn(name: str, base: Path, out: Path, monkeypatch) -> list:
+    """The matplotlib figures of study NAME's report, drawn from its tiny study's results."""
+    from resdense import plots
+    from resdense.studies import figures as study_figures
+    from resdense.studies.report import collect_rows, group_table, load_study
+
+    drawn = []
+
+    def keep(fig, path):
+        drawn.append(fig)
+        return Path(path)
+
+    monkeypatch.setattr(plots, "_save", keep)
+    monkeypatch.setattr(study_figures, "_save", keep)
+    spec, study = load_study(STUDIES[name](base))
+    rows = collect_rows(spec, study)
+    spec.figures(rows, group_table(spec, rows), out)
+    return drawn
+
+
+def _hue(artist) -> float:
+    import colorsys
+
+    from matplotlib.colors import to_rgb
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+
+    colour = (artist.get_color() if isinstance(artist, Line2D) else artist.get_facecolor() if isinstance(artist, Patch)
+              else artist.get_edgecolor()[0])
+    return round(colorsys.rgb_to_hsv(*to_rgb(colour))[0], 3)
+
+
+@pytest.mark.parametrize("name", list(STUDIES))
+def test_every_figure_of_a_study_gives_a_net_one_colour_and_errors_start_at_0(name, tmp_path_factory, tmp_path,
+                                                                               monkeypatch):
+    drawn = _figures_drawn(name, tmp_path_factory.getbasetemp(), tmp_path, monkeypatch)
+    assert drawn
+    hues: dict[str, set[float]] = {}
+    for fig in drawn:
+        for artist in fig.findobj(lambda a: a.get_gid() is not None):
+            hues.setdefault(artist.get_gid(), set()).add(_hue(artist))
+        for ax in fig.axes:
+            if "error" in ax.get_ylabel() and ax.get_yscale() == "linear":
+                assert ax.get_ylim()[0] == 0, f"{name}: {ax.get_ylabel()!r} starts at {ax.get_ylim()[0]}"
+    assert hues and all(len(h) == 1 for h in hues.values()), f"{name}: a net drawn in several colours: {hues}"
+    if name == "degradation":  # plain and residual nets: two colours, the same in both figures
+        assert len(drawn) == 2 and hues["plain"] != hues["resnet"]

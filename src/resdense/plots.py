@@ -14,10 +14,11 @@ from __future__ import annotations
 import math
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Mapping, Union
+from typing import TYPE_CHECKING, Iterable, Mapping, Optional, Union
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.colors import to_rgb
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
@@ -46,8 +47,22 @@ def _save(fig: Figure, path: PathLike) -> Path:
     return path
 
 
-def _style(index: int, shortcuts: bool) -> dict:
-    return dict(color=f"C{index % 10}", linestyle="-" if shortcuts else "--")
+def _style(index: int, shortcuts: bool, colour: Optional[str] = None) -> dict:
+    return dict(color=colour or f"C{index % 10}", linestyle="-" if shortcuts else "--")
+
+
+def palette(keys: Iterable[str]) -> dict[str, str]:
+    """One colour per key (a net, or a kind of net), in order, from matplotlib's default cycle.
+    A study draws every figure with one such mapping, so a net has the same colour in each."""
+    return {k: f"C{i % 10}" for i, k in enumerate(dict.fromkeys(keys))}
+
+
+def shade(colour: str, level: float) -> tuple[float, float, float]:
+    """``colour`` lightened towards white for ``level`` in [0, 1) (1: the colour itself): the
+    same hue, so shades of one net kind (e.g. its depths) still read as that kind."""
+    r, g, b = to_rgb(colour)
+    keep = 0.4 + 0.6 * level
+    return (1 - (1 - r) * keep, 1 - (1 - g) * keep, 1 - (1 - b) * keep)
 
 
 def _as_list(report):
@@ -78,8 +93,9 @@ def geometric_mean(values) -> float:
 
 
 def plot_gradient_norms(reports: Mapping[str, "GradientReport"], path: PathLike,
-                        title: str = "Gradient norm per layer") -> Path:
-    """Gradient L2 norm against layer index (log scale), one line per model.
+                        title: str = "Gradient norm per layer", colours: Optional[Mapping[str, str]] = None) -> Path:
+    """Gradient L2 norm against layer index (log scale), one line per model (coloured by
+    ``colours[label]`` where given, e.g. a study's palette).
 
     The line runs over the main path (convolutions, then the classifier, drawn as a square);
     projection shortcuts are crosses at the position of the block they bypass.
@@ -87,7 +103,7 @@ def plot_gradient_norms(reports: Mapping[str, "GradientReport"], path: PathLike,
     fig, (ax,) = _figure(width=7.5)
     for i, (label, group) in enumerate(reports.items()):
         group = _as_list(group)
-        style = _style(i, group[0].has_shortcuts)
+        style = dict(_style(i, group[0].has_shortcuts, (colours or {}).get(label)), gid=label)
         kinds = group[0].kinds
         main = [j for j, k in enumerate(kinds) if k != "shortcut"]
         xs = list(range(1, len(main) + 1))
@@ -226,7 +242,7 @@ def plot_reuse(report: "ReuseReport", path: PathLike, title: str = "") -> Path:
     return _save(fig, path)
 
 
-__all__ = ["plot_gradient_norms", "plot_layer_responses", "plot_lesion", "plot_reuse"]
+__all__ = ["palette", "shade", "plot_gradient_norms", "plot_layer_responses", "plot_lesion", "plot_reuse"]
 
 
 # --- training ------------------------------------------------------------------------------

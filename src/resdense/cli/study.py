@@ -209,7 +209,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from ..studies import build_report
-    from ..studies.report import build_index
+    from ..studies.index import build_index
 
     if not (Path(args.study_dir) / "study.json").is_file() and any(Path(args.study_dir).glob("*/study.json")):
         index = build_index(args.study_dir)

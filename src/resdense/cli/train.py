@@ -147,6 +147,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     from ..train import finetune, tensorboard
 
     cfg, flags = config_from_args(args)
+    if flags.get("recalibrate_bn") and cfg.init_from is None:  # a recipe's default is a no-op without weights
+        raise ConfigError("--recalibrate-bn re-estimates the statistics of weights trained elsewhere: give --init-from, "
+                          "or drop it")
     if flags.get("tensorboard"):
         tensorboard.require()
     if not args.resume:  # a resumed run keeps its saved model and never reads the init weights again

@@ -24,7 +24,7 @@ from typing import Any, Optional
 
 from ..errors import ConfigError
 from .budget import PaperBudget, PaperEffect, PaperNumbers
-from .report import count_text
+from .report import count_text, macs_column, size_text
 from .spec import QUICK_CPU, SMOKE, STANDARD, Arm, ArmOrder, StudyConfig, StudySpec, register_study
 from .stats import Claim
 
@@ -133,14 +133,15 @@ def claims(study: StudyConfig, table: Optional[list[dict[str, Any]]] = None) -> 
 
 def extra_tables(study: StudyConfig, rows: list[dict[str, Any]], table: list[dict[str, Any]]) -> list[tuple[str, list[str], list[list[str]]]]:
     """Cost on this machine (honest where DenseNet loses)."""
+    macs_header, macs_cell = macs_column(table)
     cost = []
     for t in table:
         ips = [r["images_per_s"] for r in rows if r["group"] == t["group"] and r.get("images_per_s")]
         err = "–" if t.get("test_error") is None else f"{100 * t['test_error']:.2f}"
-        cost.append([t["group"], count_text(t.get("params")), count_text(t.get("macs")), err, f"{t['wall_time']:.0f}",
+        cost.append([t["group"], count_text(t.get("params")), macs_cell(t), err, f"{t['wall_time']:.0f}",
                      f"{sum(ips) / len(ips):.0f}" if ips else "–"])
     return [("Cost on this machine (wall time per run includes evaluation)",
-             ["group", "params", "MACs / image", "test error %", "wall s / run", "training images/s"], cost)]
+             ["group", "params", macs_header, "test error %", "wall s / run", "training images/s"], cost)]
 
 
 def figures(rows: list[dict[str, Any]], table: list[dict[str, Any]], out: Path) -> list[tuple[str, str]]:
@@ -148,7 +149,8 @@ def figures(rows: list[dict[str, Any]], table: list[dict[str, Any]], out: Path) 
 
     if not any(t.get("params") for t in table):
         return []
-    plot_efficiency(table, out / "efficiency.png", ARMS)
+    sizes = {size_text(t.get("input_size")) for t in table}
+    plot_efficiency(table, out / "efficiency.png", ARMS, sizes.pop() if len(sizes) == 1 else "")
     return [("efficiency.png", "Test error (mean ± std over seeds) against parameters, multiply-adds per image "
                                "(after Huang et al. 2017, Fig. 4) and wall time per run on this machine, all on log "
                                "axes; labels are depths.")]

@@ -125,12 +125,15 @@ def figures(rows: list[dict[str, Any]], table: list[dict[str, Any]], out: Path) 
     from .figures import plot_bars, plot_grad_norm_curves
 
     order = [t["group"] for t in table]
+    colours = plots.palette(order)  # one colour per net in every figure of the report
     made = []
     plot_bars(table, out / "remedies.png", (("train_error", "training error, eval mode"), ("test_error", "test error")),
-              "Remedies on the deep plain net, beside the ResNet (mean ± std over seeds)", label_key="net")
-    made.append(("remedies.png", "Final training error (eval mode) and test error of every net; grey: plain nets."))
+              "Remedies on the deep plain net, beside the ResNet (mean ± std over seeds)", label_key="net",
+              colours=colours)
+    made.append(("remedies.png", "Final training error (eval mode) and test error of every net, each in its colour "
+                                 "of every figure here; hatched: plain nets."))
     plot_grad_norm_curves(rows, order, out / "grad_norm_curves.png",
-                          "Gradient norm and running training error over training")
+                          "Gradient norm and running training error over training", colours)
     made.append(("grad_norm_curves.png", "Global gradient norm (log scale, before clipping) and running training error "
                                          "every few steps: each line is the seeds' mean, the band their range."))
     for when, caption in (("first", "at initialisation"), ("last", "after the last epoch")):
@@ -138,7 +141,7 @@ def figures(rows: list[dict[str, Any]], table: list[dict[str, Any]], out: Path) 
         if reports:
             name = f"gradients_{when}.png"
             plots.plot_gradient_norms({g: reports[g] for g in order if g in reports}, out / name,
-                                      title=f"Gradient norm per layer {caption} (validation batches)")
+                                      title=f"Gradient norm per layer {caption} (validation batches)", colours=colours)
             made.append((name, f"Per-layer gradient norm {caption}, input to output, on validation batches; the "
                                "legend gives the first convolution's norm over the last's: far below 1, the gradient "
                                "vanishes on its way to the input; far above 1, it explodes."))

@@ -15,7 +15,7 @@ import re
 import statistics
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from .._io import atomic_write_text
 from ..errors import ConfigError
@@ -71,6 +71,7 @@ def collect_rows(spec: StudySpec, study: StudyConfig) -> list[dict[str, Any]]:
             "test_images": summary.get("test_images"), "wall_time": summary["wall_time"],
             "images_per_s": summary.get("images_per_s"), "steps": summary.get("steps"),
             "params": summary.get("params"), "macs": summary.get("macs"), "diverged": summary.get("diverged"),
+            "input_size": summary.get("input_size"), "finished": summary.get("finished"),
             "train_images": summary.get("train_images"),
             "curve": _read_jsonl(run_dir / "curve.jsonl"),
             "epochs": [{k: m[k] for k in ("step", "train_error", "val_error")} for m in metrics],
@@ -89,7 +90,7 @@ def group_table(spec: StudySpec, rows: list[dict[str, Any]]) -> list[dict[str, A
         entry = {"group": group, **{k: rs[0][k] for k in spec.label_columns}, "seeds": len(rs),
                  "wall_time": statistics.fmean(r["wall_time"] for r in rs),
                  # The same model in every seed: its size and cost per image (None for runs of 0.1).
-                 "params": rs[0].get("params"), "macs": rs[0].get("macs")}
+                 "params": rs[0].get("params"), "macs": rs[0].get("macs"), "input_size": rs[0].get("input_size")}
         for key in METRICS:
             values = [r[key] for r in rs if r.get(key) is not None]
             entry[key] = statistics.fmean(values) if values else None
@@ -155,11 +156,26 @@ def count_text(n: Any, unit: str = "") -> str:
     return f"{n}{unit}"
 
 
+def size_text(size: Any) -> str:
+    """[1, 28, 28] -> '1×28×28' (an image's channels × height × width); '' when unknown."""
+    return "×".join(str(v) for v in size) if size else ""
+
+
+def macs_column(table: list[dict[str, Any]]) -> tuple[str, Callable[[dict[str, Any]], str]]:
+    """The MACs column's header and cell: the input size they were counted at in the header when
+    every net shares it ('MACs / image (1×28×28)'), else in each cell."""
+    sizes = {size_text(t.get("input_size")) for t in table}
+    if len(sizes) == 1:
+        (size,) = sizes
+        return f"MACs / image ({size})" if size else "MACs / image", lambda t: count_text(t.get("macs"))
+    return "MACs / image", lambda t: f"{count_text(t.get('macs'))} ({size_text(t.get('input_size')) or '?'})"
+
+
 def _table_rows(spec: StudySpec, table: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
-    header = [*spec.label_columns, "params", "MACs / image", "seeds", "train error % (eval)", "running train error %",
+    macs_header, macs_cell = macs_column(table)
+    header = [*spec.label_columns, "params", macs_header, "seeds", "train error % (eval)", "running train error %",
               "val error %", "test error %", "wall s / run"]
-    body = [[str(t[c]) for c in spec.label_columns] + [count_text(t.get("params")), count_text(t.get("macs")),
-                                                       str(t["seeds"])]
+    body = [[str(t[c]) for c in spec.label_columns] + [count_text(t.get("params")), macs_cell(t), str(t["seeds"])]
             + [_pct(t[k], t[k + "_std"], t["seeds"]) for k in METRICS] + [f"{t['wall_time']:.0f}"] for t in table]
     return header, body
 
@@ -358,51 +374,8 @@ def build_report(study_dir: str | Path) -> dict[str, Any]:
                     f"<figcaption>{html.escape(caption)}</figcaption></figure>")
     atomic_write_text(out / "report.html", html_page(f"resdense {spec.name} study", "\n".join(body)))
     return {"study": spec.name, "table": table, "verdicts": vs, "measured": measured, "verdict_text": text,
-            "compared": compared,
+            "compared": compared, "setup": setup, "finished": max((r["finished"] for r in rows if r.get("finished")),
+                                                                  default=None),
+            "budget": runs_budget(rows, {r["group"] for r in rows}),
+            "paper_budget": spec.paper_budget.to_dict() if spec.paper_budget else {},
             "lines": [summary_line(v) for v in vs], "figures": [str(out / n) for n, _ in figures]}
-
-
-INDEX_TITLE = "resdense studies"
-
-
-def build_index(folder: str | Path) -> dict[str, Any]:
-    """Redraw the report of every study directly inside ``folder`` and write ``folder/index.html``
-    (and ``index.md``): one row per study with its claims' decisions and a link to its report."""
-    root = Path(folder)
-    studies = sorted(p.parent for p in root.glob("*/study.json"))
-    if not studies:
-        raise ConfigError(f"{root} holds no study folders (none has a study.json); run `resdense study NAME --out "
-                          f"{root}/NAME` first")
-    for name, signature in (("index.md", INDEX_TITLE), ("index.html", f"<title>{INDEX_TITLE}</title>")):
-        check_new_file(root / name, "the index", signature)  # before any report is redrawn
-    entries = []
-    for study_dir in studies:
-        try:
-            report = build_report(study_dir)
-        except ConfigError as e:  # a study with no finished run yet: listed, not fatal
-            entries.append({"dir": study_dir.name, "title": study_dir.name, "verdicts": [], "note": str(e)})
-            continue
-        spec = get_study(report["study"])
-        entries.append({"dir": study_dir.name, "title": spec.title, "verdicts": report["verdicts"], "note": ""})
-    md = [f"# {INDEX_TITLE}", "", "| study | claim | difference (points) | decision | budget (paper's) | report |",
-          "|---|---|---|---|---|---|"]
-    rows_html = []
-    for e in entries:
-        link = f"{e['dir']}/report.html"
-        claims = e["verdicts"] or [None]
-        for i, v in enumerate(claims):
-            cells = ([v.text, "–" if v.difference is None else f"{v.difference:+.2f}"
-                      + ("" if v.stderr is None else f" ± {v.stderr:.2f}"), DECISION_WORDS[v.decision],
-                      f"{budget_text(v.budget)} ({paper_text(v.paper_budget)})"]
-                     if v is not None else [e["note"], "–", "–", "–"])
-            md.append(f"| {e['title']} | " + " | ".join(cells) + f" | [{e['dir']}]({link}) |")
-            # The study's title and its report's link once, spanning its claims' rows.
-            study_cell = (f"<td rowspan='{len(claims)}'>{html.escape(e['title'])}<br>"
-                          f"<a href='{html.escape(link)}'>{html.escape(e['dir'])} report</a></td>") if i == 0 else ""
-            rows_html.append("<tr>" + study_cell + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>")
-    atomic_write_text(root / "index.md", "\n".join(md) + "\n")
-    body = (f"<h1>{INDEX_TITLE}</h1><table class='index'><thead><tr><th>study</th><th>claim</th>"
-            "<th>difference (points)</th><th>decision</th><th>budget (paper's)</th></tr></thead><tbody>"
-            + "".join(rows_html) + "</tbody></table>")
-    atomic_write_text(root / "index.html", html_page(INDEX_TITLE, body))
-    return {"studies": [e["dir"] for e in entries], "index": str(root / "index.html")}

@@ -106,6 +106,9 @@ class TrainConfig:
     freeze_backbone: bool = setting(False, "train the classifier only", Flag(group=FINE_TUNING))
     backbone_lr_factor: float = setting(1.0, "the backbone learns at F times the classifier's lr (e.g. 0.1)",
                                         Flag(metavar="F", group=FINE_TUNING))
+    recalibrate_bn: bool = setting(False, "re-estimate the batch-norm statistics on the new training images before "
+                                          "the first step (with --init-from; the finetune recipe's default)",
+                                   Flag(group=FINE_TUNING, switch="both"))
     # data augmentation and regularisation
     augment: bool = setting(True, "pad-crop and flip the training images", Flag(switch="off", help="no pad-crop / flip"))
     pad: int = setting(4, "pixels of zero padding around an image before its random crop")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import statistics
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Optional
 
@@ -78,7 +79,8 @@ def final_evaluation(ctx: RunContext, run_dir: Path, history: list[dict[str, Any
     # Size and cost of the trained model at this run's image size (studies plot error against them).
     from ..analysis.complexity import profile
 
-    summary["params"], summary["macs"], _ = profile(ctx.model, (ctx.splits.in_chans, *ctx.splits.image_size))
+    summary["input_size"] = [ctx.splits.in_chans, *ctx.splits.image_size]  # what the MACs were counted at
+    summary["params"], summary["macs"], _ = profile(ctx.model, tuple(summary["input_size"]))
     # The training images the steps drew from (every rank holds all of them): a study's budget.
     summary["train_images"] = len(ctx.train_loader.images)
     if cfg.eval_train:
@@ -99,6 +101,7 @@ def final_evaluation(ctx: RunContext, run_dir: Path, history: list[dict[str, Any
     best_dir = run_dir / "best"
     summary["best_epoch"] = int(ckpt.read_meta(best_dir.resolve())["epoch"]) if best_dir.exists() else len(history)
     summary["test_accuracy_last"] = 1 - summary["test_error_last"]
+    summary["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")  # the date reports show
     atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2, default=str))
     log(f"test error: last epoch {summary['test_error_last']:.4f} (accuracy {summary['test_accuracy_last']:.4f}), "
         f"best-val epoch {summary['best_epoch']} {summary['test_error_best']:.4f}; wall {summary['wall_time']:.0f}s")

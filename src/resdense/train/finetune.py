@@ -15,11 +15,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterable, Optional
 
 import torch
 import torch.nn as nn
 
+from ..data.loader import TensorLoader
 from ..errors import CheckpointError, ConfigError
 from ..models.importers import (LAYOUTS, detect_layout, find_state_dict, mismatch_report, read_checkpoint,
                                 rename_keys)
@@ -120,6 +121,48 @@ def initialise(model: nn.Module, cfg: TrainConfig, classes: Optional[list[str]] 
     return f"initialised from {source.path}" + (f": {'; '.join(notes)}" if notes else "")
 
 
+_BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+
+
+@torch.no_grad()
+def recalibrate_bn(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> int:
+    """Re-estimate every batch norm's running mean and variance on ``batches`` (the new data),
+    in place: the statistics are reset, then averaged over all the batches with equal weight
+    (momentum None) in training-mode forward passes. Nothing else changes: no parameter, no
+    other buffer, no gradient; the model's mode and the norms' momenta are restored. Returns the
+    number of images seen.
+
+    Weights trained elsewhere carry the statistics of their own data; until a fine-tune's
+    running averages (momentum 0.1) forget them, every evaluation normalises the new data by
+    the old data's statistics."""
+    norms = [m for m in model.modules() if isinstance(m, _BATCH_NORMS) and m.track_running_stats]
+    if not norms:
+        return 0
+    was_training, momenta = model.training, [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None
+    model.train()
+    seen = 0
+    try:
+        for images, _ in batches:
+            model(images)
+            seen += len(images)
+    finally:
+        for m, momentum in zip(norms, momenta):
+            m.momentum = momentum
+        model.train(was_training)
+    return seen
+
+
+def recalibration_batches(ctx: Any) -> TensorLoader:
+    """The run's training images (of this run's subset), unaugmented and in order, normalised as
+    in training, in training-size batches: the statistics BN would gather in its first epoch."""
+    loader = ctx.train_loader
+    return TensorLoader(loader.images, loader.labels, ctx.cfg.batch_size, mean=ctx.splits.mean, std=ctx.splits.std,
+                        device=ctx.device, channels_last=ctx.cfg.channels_last)
+
+
 def is_head(model: nn.Module, name: str) -> bool:
     head = getattr(model, "head_name", None)
     return head is not None and (name == head or name.startswith(f"{head}."))
@@ -167,4 +210,5 @@ def data_options(cfg: TrainConfig) -> dict[str, Any]:
 
 
 __all__ = ["InitSource", "LAYOUTS", "adapt_input_conv", "check_resumable", "data_options", "init_model_settings",
-           "initialise", "param_groups", "prepare_model", "read_init"]
+           "initialise", "param_groups", "prepare_model", "read_init", "recalibrate_bn",
+           "recalibration_batches"]

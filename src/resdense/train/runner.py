@@ -139,6 +139,9 @@ class Trainer:
             log(f"nothing to resume in {run_dir}; starting a new run")
         if point is None and cfg.init_from is not None:  # a resumed fine-tune continues from its own weights
             log(finetune.initialise(self.ctx.model, cfg, self.ctx.splits.classes))
+            if cfg.recalibrate_bn:
+                seen = finetune.recalibrate_bn(self.ctx.model, finetune.recalibration_batches(self.ctx))
+                log(f"batch-norm statistics re-estimated on {seen} training images")
         self._begin()
 
     def start_epoch(self) -> tuple[EpochResult, EpochProgress]:
