@@ -6,9 +6,10 @@ after changing a preset:  .venv/bin/python scripts/standard_cost.py
 
 Measured rates (training images/s at batch 128 on Fashion-MNIST, 28x28):
 - CPU: a 2-core AVX2-only AMD EPYC in fp32, one run on both cores, nothing else running:
-  resnet20 460, resnet56 128 (`resdense train --model M --data fashion-mnist --recipe resnet-cifar-paper
-  --iterations 40 --precision fp32`, the summary's images_per_s). On a CPU a step costs about its
-  multiply-adds, so the time per image is fitted as a + b * MACs.
+  resnet20 638, resnet56 222 (`resdense train --model M --data fashion-mnist --recipe resnet-cifar-paper
+  --iterations 100 --precision fp32`, the epoch line's img/s; 40 steps read 460 and 128, their start
+  counting for more). On a CPU a step costs about its multiply-adds, so the time per image is fitted
+  as a + b * MACs.
 - H100 (an earlier round, README "On a GPU"): four paper-preset runs side by side in bf16, each at
   resnet20 5,868 and resnet56 3,510 images/s. A small net's step there is bound by kernel launches,
   which grow with its layers, not its multiply-adds: the time per image is fitted as a + b * layers
@@ -30,7 +31,7 @@ from resdense.studies import STUDIES, StudyConfig  # noqa: E402
 
 TRAIN, VAL, TEST = 55_000, 5_000, 10_000       # Fashion-MNIST's split in resdense
 SHAPE = (1, 28, 28)
-CPU = {"resnet20": 460.0, "resnet56": 128.0}   # images/s, see above
+CPU = {"resnet20": 638.0, "resnet56": 222.0}   # images/s, see above
 GPU = {"resnet20": 5_868.0, "resnet56": 3_510.0}
 GPU_SLOTS, GPU_BATCH = 4, 128                  # the H100 rates were four runs side by side at batch 128
 EVAL_COST = 1 / 3                              # a forward pass costs about a third of a training step's image

@@ -84,6 +84,10 @@ def maybe_init_distributed(cfg: Any) -> Iterator[dict[str, Any]]:
     dist.init_process_group(backend, init_method=place["init_method"], rank=rank, world_size=world_size)
     try:
         yield {"rank": rank, "world_size": world_size, "device": device}
+        # Every rank leaves together: the others return at once from the final evaluation that rank 0
+        # runs alone, and a rank that tore its gloo group down while rank 0 still held the store was
+        # seen to abort at exit ("terminate called without an active exception") on a loaded CPU.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
