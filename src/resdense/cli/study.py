@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import signal
 import sys
@@ -154,7 +155,7 @@ def cmd_study(args: argparse.Namespace) -> int:
 
         print(f"resdense study: {e}", file=sys.stderr, flush=True)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # requeueing signals this job: finish the message
-        requeue_self(lambda line: print(line, flush=True))
+        requeue_self(functools.partial(print, flush=True))
         return e.exit_code
     if result["report"] is not None:
         _print_summary(result["report"], args.out)

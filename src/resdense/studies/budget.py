@@ -101,7 +101,7 @@ def _count(value: Any) -> str:
     return "?" if value is None else f"{value:,}"
 
 
-def _n(value: Any, word: str) -> str:
+def count_of(value: Any, word: str) -> str:
     """'1 step', '150 steps', '150–620 steps'."""
     return f"{_count(value)} {word}" + ("" if value == 1 else "s")
 
@@ -110,9 +110,9 @@ def budget_text(budget: Mapping[str, Any]) -> str:
     """'150 steps × 64 on 1,000 images (10 epochs)'; ranges where the runs differ."""
     if not budget or not budget.get("runs"):
         return "no finished runs"
-    text = f"{_n(budget.get('steps'), 'step')} × {_count(budget.get('batch'))} on {_n(budget.get('images'), 'image')}"
+    text = f"{count_of(budget.get('steps'), 'step')} × {_count(budget.get('batch'))} on {count_of(budget.get('images'), 'image')}"
     epochs = budget.get("epochs")
-    text += f" ({_n(epochs, 'epoch')})" if epochs else ""
+    text += f" ({count_of(epochs, 'epoch')})" if epochs else ""
     return text + ("" if budget.get("uniform", True) else ", runs differ")
 
 
@@ -131,14 +131,14 @@ def decided_at(word: str, budget: Mapping[str, Any], paper: Mapping[str, Any]) -
 def planned_text(cfg: Any) -> str:
     """What a run's settings ask for (``study list``, before any run): '150 steps × 64 on 1,000
     images (10 epochs)'; on all training images the steps depend on the data set."""
-    images = _n(cfg.train_subset, "image") if cfg.train_subset else "all training images"
+    images = count_of(cfg.train_subset, "image") if cfg.train_subset else "all training images"
     if cfg.iterations:
-        return f"{_n(cfg.iterations, 'step')} × {cfg.batch_size:,} on {images}"
+        return f"{count_of(cfg.iterations, 'step')} × {cfg.batch_size:,} on {images}"
     if cfg.train_subset:
         # Every epoch drops its last partial batch.
         steps = max(cfg.epochs * (cfg.train_subset // cfg.batch_size), cfg.min_steps or 0)
-        return f"{_n(steps, 'step')} × {cfg.batch_size:,} on {images} ({_n(cfg.epochs, 'epoch')})"
-    return f"{_n(cfg.epochs, 'epoch')} × {cfg.batch_size:,} on {images}"
+        return f"{count_of(steps, 'step')} × {cfg.batch_size:,} on {images} ({count_of(cfg.epochs, 'epoch')})"
+    return f"{count_of(cfg.epochs, 'epoch')} × {cfg.batch_size:,} on {images}"
 
 
 def _size(here: float, paper: float) -> str:

@@ -21,7 +21,7 @@ from .._io import atomic_write_text
 from ..errors import ConfigError
 from ..outputs import check_new_file
 from .spec import METRICS, UNCALIBRATED, StudyConfig, StudySpec, get_study
-from .budget import budget_text, decided_at, effect_sentences, paper_text, runs_budget
+from .budget import budget_text, count_of, decided_at, effect_sentences, paper_text, runs_budget
 from .stats import CONFIDENCE, DECISION_WORDS, FAMILY_ALPHA, Verdict, decide_all, measure, summary_line
 
 
@@ -161,14 +161,22 @@ def size_text(size: Any) -> str:
     return "×".join(str(v) for v in size) if size else ""
 
 
+def _macs(entry: dict[str, Any]) -> str:
+    return count_text(entry.get("macs"))
+
+
+def _macs_at_size(entry: dict[str, Any]) -> str:
+    return f"{count_text(entry.get('macs'))} ({size_text(entry.get('input_size')) or '?'})"
+
+
 def macs_column(table: list[dict[str, Any]]) -> tuple[str, Callable[[dict[str, Any]], str]]:
     """The MACs column's header and cell: the input size they were counted at in the header when
     every net shares it ('MACs / image (1×28×28)'), else in each cell."""
     sizes = {size_text(t.get("input_size")) for t in table}
     if len(sizes) == 1:
         (size,) = sizes
-        return f"MACs / image ({size})" if size else "MACs / image", lambda t: count_text(t.get("macs"))
-    return "MACs / image", lambda t: f"{count_text(t.get('macs'))} ({size_text(t.get('input_size')) or '?'})"
+        return f"MACs / image ({size})" if size else "MACs / image", _macs
+    return "MACs / image", _macs_at_size
 
 
 def _table_rows(spec: StudySpec, table: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
@@ -246,7 +254,7 @@ RULE = ("Decision rule: each claim is a difference of group means of its metric 
 
 def _setup(spec: StudySpec, study: StudyConfig, rows: list[dict[str, Any]]) -> str:
     cfg = rows[0]["config"] if rows else {}
-    length = f"{cfg.get('epochs')} epochs" if cfg.get("epochs") else f"{cfg.get('iterations')} iterations"
+    length = count_of(cfg.get("epochs"), "epoch") if cfg.get("epochs") else count_of(cfg.get("iterations"), "iteration")
     precision = sorted({r["config"].get("precision", "auto") for r in rows})
     note = spec.setup_note.format(**{**spec.default_options, **study.options}) if spec.setup_note else ""
     test = rows[0].get("test_images") if rows else None
