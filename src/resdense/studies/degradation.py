@@ -121,5 +121,5 @@ SPEC = register_study(StudySpec(
     option_help={"depths": "depths compared", "shortcut": "the residual nets' shortcut option A, B or C"},
     setup_note="shortcut option {shortcut} for the residual nets", paper_budget=PAPER_BUDGET,
     paper_numbers=PAPER_NUMBERS,
-    measured={"quick": "10.1 min on a 2-core AVX2-only AMD EPYC (fp32, --jobs 2); 3.2 min on a 2-core AVX512-BF16 "
+    measured={"quick": "7.2 min on a 2-core AVX2-only AMD EPYC (fp32, --jobs 2); 3.2 min on a 2-core AVX512-BF16 "
                        "AMD EPYC (bf16, --jobs 2)"}))
