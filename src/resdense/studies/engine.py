@@ -218,6 +218,13 @@ class WorkCost:
         return self.per_step(run) * _total_steps(run)
 
 
+def last_epoch(run_dir: Path) -> dict[str, Any]:
+    """A run's last epoch record (the last line of its metrics.jsonl); empty before its first epoch."""
+    path = run_dir / "metrics.jsonl"
+    lines = [ln for ln in path.read_text().splitlines() if ln.strip()] if path.is_file() else []
+    return json.loads(lines[-1]) if lines else {}
+
+
 class Progress:
     """Runs done / running / waiting, time elapsed, and an estimate of the time left.
 
@@ -234,9 +241,7 @@ class Progress:
 
     @staticmethod
     def _steps_done(run_dir: Path) -> int:
-        path = run_dir / "metrics.jsonl"
-        lines = [ln for ln in path.read_text().splitlines() if ln.strip()] if path.is_file() else []
-        return int(json.loads(lines[-1])["step"]) if lines else 0
+        return int(last_epoch(run_dir).get("step", 0))
 
     def _count(self) -> tuple[int, int, int, float, float]:
         """(done, running, waiting, work done, work left)."""

@@ -7,7 +7,6 @@ is written. It opens files for reading only (a lock is only probed, never taken)
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -15,26 +14,16 @@ from typing import Any
 from ..errors import UserError
 from ..outputs import STUDY, kind_of
 from ..runlock import owner
-from .engine import Progress, WorkCost, _clock, _total_steps, failures, finished, gave_up
+from .engine import WorkCost, _clock, _total_steps, failures, finished, gave_up, last_epoch
 from .slurm import LOGS, submissions
+from .report import load_study
 from .spec import StudyConfig, get_study
 
 
 def _load(out: Path) -> StudyConfig:
     if kind_of(out) != STUDY.name or not (out / "study.json").is_file():
         raise UserError(f"{out} is not a study folder (no study.json); give the --out of a `resdense study`")
-    try:
-        config = json.loads((out / "study.json").read_text())["config"]
-        return StudyConfig(**{**config, "out": str(out)})
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise UserError(f"{out}/study.json cannot be read ({e}); `resdense study ... --out {out}` rewrites it") from None
-
-
-def _wall_time(run_dir: Path) -> float:
-    """Seconds the run has trained so far (its last epoch's record)."""
-    path = run_dir / "metrics.jsonl"
-    lines = [ln for ln in path.read_text().splitlines() if ln.strip()] if path.is_file() else []
-    return float(json.loads(lines[-1]).get("wall_time", 0.0)) if lines else 0.0
+    return load_study(out)[1]
 
 
 def study_status(out: str | Path) -> dict[str, Any]:
@@ -57,10 +46,11 @@ def study_status(out: str | Path) -> dict[str, Any]:
             row.update(failures(run_dir), state="failed")
         else:
             row["state"] = "waiting"
-        row["step"] = total if row["state"] == "done" else min(Progress._steps_done(run_dir), total)
+        last = last_epoch(run_dir)
+        row["step"] = total if row["state"] == "done" else min(int(last.get("step", 0)), total)
         if row["step"]:
             work_done += unit * row["step"]
-            seconds += _wall_time(run_dir)
+            seconds += float(last.get("wall_time", 0.0))  # seconds the run has trained so far
         if row["state"] in ("running", "waiting"):
             work_left += unit * (total - row["step"])
         rows.append(row)
