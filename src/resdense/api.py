@@ -251,7 +251,7 @@ def run_study(study: str = "degradation", *, out: PathLike, preset: str = "quick
     settings (``--set``). Progress lines are printed unless ``quiet``."""
     from .studies import StudyConfig, get_study
     from .studies import run_study as run
-    from .studies.engine import _silent
+    from .studies.engine import silent
 
     spec = get_study(study)
     unknown = sorted(set(options or {}) - set(spec.default_options))
@@ -260,5 +260,5 @@ def run_study(study: str = "degradation", *, out: PathLike, preset: str = "quick
                           f"{', '.join(spec.default_options) or 'none'}")
     cfg = StudyConfig(study=spec.name, data=data, data_dir=data_dir, seeds=[int(s) for s in seeds], preset=preset,
                       out=str(out), options={**spec.default_options, **(options or {})}, overrides=dict(overrides or {}))
-    result = run(cfg, jobs=jobs, log=_silent if quiet else print)
+    result = run(cfg, jobs=jobs, log=silent if quiet else print)
     return StudyResult(Path(out), bool(result["complete"]), list(result["trained"]), result["report"])

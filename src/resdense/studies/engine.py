@@ -189,11 +189,12 @@ def _worker(study_dict: dict[str, Any], index: int, threads: int, device: Option
     runs = get_study(study.study).runs(study)
     runs = sorted(runs, key=WorkCost(), reverse=True)
     order = runs[index:] + runs[:index]
-    return work(order, log=_silent, quiet=True, threads=threads, device=device, retries=retries, fuse=fuse)
+    return work(order, log=silent, quiet=True, threads=threads, device=device, retries=retries, fuse=fuse)
 
 
-def _silent(message: str) -> None:
-    """A worker's log: its runs log to their own train.log; the parent prints the progress."""
+def silent(message: str) -> None:
+    """A log that drops its lines: a worker's (its runs log to their own train.log; the parent
+    prints the progress) and ``resdense.run_study(quiet=True)``'s."""
 
 
 class WorkCost:
